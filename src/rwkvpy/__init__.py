@@ -1,0 +1,13 @@
+"""rwkvpy: RWKV language models in plain PyTorch, parallel and recurrent forms of one model.
+
+    model = rwkvpy.load("RWKV-4-Pile-169M.pth")          # or a HF folder, or rwkvpy's format
+    logits, state = model(tokens)                         # parallel form, tokens (B, T)
+    logits, state = model.step(next_tokens, state)        # recurrent form, one token per row
+"""
+
+from .errors import CheckpointError, RwkvpyError
+from .loading import load
+from .models import RWKV4, RWKV4Config, RWKV4State
+
+__version__ = "0.1.0"
+__all__ = ["load", "RWKV4", "RWKV4Config", "RWKV4State", "RwkvpyError", "CheckpointError"]

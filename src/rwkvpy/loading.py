@@ -1,0 +1,40 @@
+"""``rwkvpy.load``: any supported checkpoint in, a ready model out."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .checkpoint import read_checkpoint
+from .errors import RwkvpyError
+from .models.rwkv4 import RWKV4, build_model
+
+DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+    "fp64": torch.float64, "float64": torch.float64,
+}
+
+
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise RwkvpyError(f"dtype {dtype} is not supported; use one of fp32, bf16, fp16, fp64")
+        return dtype
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise RwkvpyError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16, fp64") from None
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu",
+         dtype: torch.dtype | str = torch.float32) -> RWKV4:
+    """Load an RWKV-4 model from an official ``.pth``, a Hugging Face folder or rwkvpy's format.
+
+    The format is detected from the path; shapes come from the tensors. Raises
+    ``CheckpointError`` (one line naming the file, key and shapes) on anything unusable.
+    """
+    cfg, sd, _ = read_checkpoint(path)
+    return build_model(cfg, sd, dtype=parse_dtype(dtype), device=device)

@@ -1,0 +1,226 @@
+"""RWKV-4 (arXiv 2305.13048): one set of weights, run in parallel or recurrent form.
+
+Parameter names and shapes are the official ones (BlinkDL RWKV-LM), so ``state_dict()``
+*is* an official checkpoint. Per block (``x`` is the residual stream, C = n_embd,
+A = dim_att, F = dim_ffn):
+
+    time mixing     xx = ln1(x);  xk, xv, xr = time_mix(xx, shift(xx), time_mix_k / v / r)
+                    r = sigmoid(W_r xr);  k = W_k xk;  v = W_v xv
+                    x = x + W_o (r * wkv(w = -exp(time_decay), u = time_first, k, v))
+    channel mixing  xx = ln2(x);  xk, xr = time_mix(xx, shift(xx), time_mix_k / r)
+                    x = x + sigmoid(W_r xr) * W_v relu(W_k xk)^2
+
+with ``ln0`` applied to the embedding before block 0 and ``head(ln_out(x))`` at the end.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import RwkvpyError
+from ..ops.shift import time_mix, token_shift
+from ..ops.wkv import WkvState, wkv_chunked, wkv_step
+from .config import RWKV4Config
+from .state import RWKV4State
+
+DEFAULT_CHUNK_LEN = 32
+_FP32_KEYS = ("att.time_decay", "att.time_first")
+
+
+class TimeMix(nn.Module):
+    def __init__(self, cfg: RWKV4Config):
+        super().__init__()
+        C, A = cfg.n_embd, cfg.dim_att
+        self.time_decay = nn.Parameter(torch.zeros(A))
+        self.time_first = nn.Parameter(torch.zeros(A))
+        self.time_mix_k = nn.Parameter(torch.zeros(1, 1, C))
+        self.time_mix_v = nn.Parameter(torch.zeros(1, 1, C))
+        self.time_mix_r = nn.Parameter(torch.zeros(1, 1, C))
+        self.key = nn.Linear(C, A, bias=False)
+        self.value = nn.Linear(C, A, bias=False)
+        self.receptance = nn.Linear(C, A, bias=False)
+        self.output = nn.Linear(A, C, bias=False)
+
+    def forward(self, xx: Tensor, last_x: Tensor, s: WkvState, chunk_len: int):
+        shifted = token_shift(xx, last_x)
+        k = self.key(time_mix(xx, shifted, self.time_mix_k))
+        v = self.value(time_mix(xx, shifted, self.time_mix_v))
+        r = torch.sigmoid(self.receptance(time_mix(xx, shifted, self.time_mix_r)))
+        # The WKV sums run in fp32 at least: exp(k) and the state overflow half precision.
+        acc = torch.promote_types(k.dtype, torch.float32)
+        w = -torch.exp(self.time_decay.to(acc))
+        u = self.time_first.to(acc)
+        wkv = wkv_step if xx.shape[1] == 1 else wkv_chunked
+        kwargs = {} if xx.shape[1] == 1 else {"chunk_len": chunk_len}
+        y, s = wkv(w, u, k.to(acc), v.to(acc), s, **kwargs)
+        return self.output(r * y.to(r.dtype)), xx[:, -1], s
+
+
+class ChannelMix(nn.Module):
+    def __init__(self, cfg: RWKV4Config):
+        super().__init__()
+        C, F_ = cfg.n_embd, cfg.dim_ffn
+        self.time_mix_k = nn.Parameter(torch.zeros(1, 1, C))
+        self.time_mix_r = nn.Parameter(torch.zeros(1, 1, C))
+        self.key = nn.Linear(C, F_, bias=False)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(F_, C, bias=False)
+
+    def forward(self, xx: Tensor, last_x: Tensor):
+        shifted = token_shift(xx, last_x)
+        k = torch.square(torch.relu(self.key(time_mix(xx, shifted, self.time_mix_k))))
+        r = torch.sigmoid(self.receptance(time_mix(xx, shifted, self.time_mix_r)))
+        return r * self.value(k), xx[:, -1]
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: RWKV4Config, layer_id: int):
+        super().__init__()
+        eps = cfg.layer_norm_eps
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(cfg.n_embd, eps=eps)
+        self.ln1 = nn.LayerNorm(cfg.n_embd, eps=eps)
+        self.ln2 = nn.LayerNorm(cfg.n_embd, eps=eps)
+        self.att = TimeMix(cfg)
+        self.ffn = ChannelMix(cfg)
+
+
+class RWKV4(nn.Module):
+    """The RWKV-4 language model. ``forward`` takes any length; ``step`` is one token."""
+
+    def __init__(self, cfg: RWKV4Config):
+        super().__init__()
+        self.config = cfg
+        self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
+        self.ln_out = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.chunk_len = DEFAULT_CHUNK_LEN
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.emb.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.emb.weight.device
+
+    def zero_state(self, batch_size: int = 1) -> RWKV4State:
+        c = self.config
+        return RWKV4State.zeros(c.n_layer, batch_size, c.n_embd, c.dim_att, device=self.device)
+
+    def forward(
+        self, tokens: Tensor, state: RWKV4State | None = None, *, last_only: bool = False
+    ) -> tuple[Tensor, RWKV4State]:
+        """tokens (B, T) -> logits (B, T, V) (or (B, 1, V) with ``last_only``), new state.
+
+        ``state`` is not modified. Each row of the batch is an independent sequence.
+        """
+        tokens = self._check_tokens(tokens)
+        B = tokens.shape[0]
+        if state is None:
+            state = self.zero_state(B)
+        elif state.batch_size != B or state.n_layer != self.config.n_layer:
+            raise RwkvpyError(
+                f"state has batch {state.batch_size} and {state.n_layer} layers; "
+                f"tokens have batch {B} and the model {self.config.n_layer} layers"
+            )
+        x = self.emb(tokens)
+        new = {name: [] for name in ("att_x", "ffn_x", "num", "den", "max")}
+        for i, block in enumerate(self.blocks):
+            if i == 0:
+                x = block.ln0(x)
+            out, att_x, s = block.att(block.ln1(x), state.att_x[i], state.layer_wkv(i), self.chunk_len)
+            x = x + out
+            out, ffn_x = block.ffn(block.ln2(x), state.ffn_x[i])
+            x = x + out
+            for name, value in zip(new, (att_x, ffn_x, *s)):
+                new[name].append(value.float())
+        if last_only:
+            x = x[:, -1:]
+        logits = self.head(self.ln_out(x))
+        return logits, RWKV4State(**{k: torch.stack(v) for k, v in new.items()})
+
+    def step(self, tokens: Tensor, state: RWKV4State | None = None) -> tuple[Tensor, RWKV4State]:
+        """One token per stream: tokens (B,) -> logits (B, V), new state."""
+        tokens = torch.as_tensor(tokens)
+        if tokens.dim() != 1:
+            raise RwkvpyError(f"step takes tokens of shape (B,), got {tuple(tokens.shape)}")
+        logits, state = self.forward(tokens[:, None], state)
+        return logits[:, 0], state
+
+    def _check_tokens(self, tokens) -> Tensor:
+        tokens = torch.as_tensor(tokens, device=self.device)
+        if tokens.dim() != 2 or tokens.shape[1] < 1:
+            raise RwkvpyError(f"tokens must have shape (B, T) with T >= 1, got {tuple(tokens.shape)}")
+        if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise RwkvpyError(f"tokens must be integers, got {tokens.dtype}")
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise RwkvpyError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+        return tokens.long()
+
+    def save(self, path) -> None:
+        """Write rwkvpy's own format (safetensors + JSON config), atomically."""
+        from ..checkpoint.native import save_native
+
+        save_native(self.config, self.state_dict(), path)
+
+
+def random_state_dict(cfg: RWKV4Config, seed: int = 0, dtype=torch.float32) -> dict[str, Tensor]:
+    """Random weights in official names and shapes, with the value ranges of trained models.
+
+    Decays span from almost none to very fast (time_decay in [-6, 6] gives w from -2.5e-3 to
+    -400), bonuses and mixes vary per channel, and projections keep activations O(1), so the
+    forms are exercised where the numerics are hard.
+    """
+    g = torch.Generator().manual_seed(seed)
+    C, A, F_, V = cfg.n_embd, cfg.dim_att, cfg.dim_ffn, cfg.vocab_size
+
+    def randn(*shape, std=1.0):
+        return torch.randn(*shape, generator=g) * std
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=g)
+
+    sd = {"emb.weight": randn(V, C)}
+    for i in range(cfg.n_layer):
+        p = f"blocks.{i}."
+        if i == 0:
+            sd[p + "ln0.weight"], sd[p + "ln0.bias"] = 1 + randn(C, std=0.1), randn(C, std=0.1)
+        for ln in ("ln1", "ln2"):
+            sd[p + ln + ".weight"], sd[p + ln + ".bias"] = 1 + randn(C, std=0.1), randn(C, std=0.1)
+        sd[p + "att.time_decay"] = torch.linspace(-6, 6, A)[torch.randperm(A, generator=g)]
+        sd[p + "att.time_first"] = randn(A)
+        for m in ("k", "v", "r"):
+            sd[p + f"att.time_mix_{m}"] = rand(1, 1, C)
+        sd[p + "att.key.weight"] = randn(A, C, std=1.5 / math.sqrt(C))
+        sd[p + "att.value.weight"] = randn(A, C, std=1 / math.sqrt(C))
+        sd[p + "att.receptance.weight"] = randn(A, C, std=1 / math.sqrt(C))
+        sd[p + "att.output.weight"] = randn(C, A, std=1 / math.sqrt(A))
+        for m in ("k", "r"):
+            sd[p + f"ffn.time_mix_{m}"] = rand(1, 1, C)
+        sd[p + "ffn.key.weight"] = randn(F_, C, std=1 / math.sqrt(C))
+        sd[p + "ffn.receptance.weight"] = randn(C, C, std=1 / math.sqrt(C))
+        sd[p + "ffn.value.weight"] = randn(C, F_, std=1 / math.sqrt(F_))
+    sd["ln_out.weight"], sd["ln_out.bias"] = 1 + randn(C, std=0.1), randn(C, std=0.1)
+    sd["head.weight"] = randn(V, C, std=1 / math.sqrt(C))
+    return {k: v.to(dtype) for k, v in sd.items()}
+
+
+def build_model(cfg: RWKV4Config, sd: dict[str, Tensor], dtype=torch.float32, device="cpu") -> RWKV4:
+    """A model that uses the given tensors (no copy when dtype and device already match)."""
+    with torch.device("meta"):
+        model = RWKV4(cfg)
+    # Decay and bonus stay fp32 even in half-precision models: exp(time_decay) is sensitive.
+    sd = {
+        k: v.to(device=device, dtype=torch.float32 if k.endswith(_FP32_KEYS) else dtype)
+        for k, v in sd.items()
+    }
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval()

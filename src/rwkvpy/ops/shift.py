@@ -1,0 +1,16 @@
+"""Token shift: each position sees the previous position's input (the first sees the state)."""
+
+import torch
+from torch import Tensor
+
+
+def token_shift(x: Tensor, last: Tensor) -> Tensor:
+    """x (B, T, C), last (B, C) -> the sequence delayed by one step, starting with ``last``."""
+    if x.shape[1] == 1:
+        return last[:, None].to(x.dtype)
+    return torch.cat([last[:, None].to(x.dtype), x[:, :-1]], dim=1)
+
+
+def time_mix(x: Tensor, shifted: Tensor, mix: Tensor) -> Tensor:
+    """Interpolate between the current and the previous token: mix * x + (1 - mix) * shifted."""
+    return shifted + mix * (x - shifted)

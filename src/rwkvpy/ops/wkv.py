@@ -1,0 +1,169 @@
+"""The RWKV-4 WKV operator in three forms that compute the same function.
+
+Glossary (RWKV paper, arXiv 2305.13048, eq. 14-16 and appendix; code names in brackets):
+
+    k_t, v_t   key and value of token t, one scalar per channel      [k, v: (B, T, C)]
+    w          per-channel log-decay per step, w = -exp(time_decay)  [w: (C,)], always < 0
+    u          per-channel bonus for the current token = time_first [u: (C,)]
+
+    wkv_t = (a_{t-1} + e^{u + k_t} v_t) / (b_{t-1} + e^{u + k_t})
+    a_t   = e^{w} a_{t-1} + e^{k_t} v_t,     b_t = e^{w} b_{t-1} + e^{k_t}
+
+The state (a, b) grows like e^{k}, so it is kept as ``a = num * e^{max}``,
+``b = den * e^{max}`` (the official ``aa, bb, pp``). In every form ``max`` is the exact
+log of the largest term in the sums, i.e. ``max_t = max(max_{t-1} + w, k_t)``; the forms
+therefore return directly comparable states, not just equivalent ones. Every exponent
+evaluated is <= 0, so nothing overflows in fp32 whatever the length.
+
+Forms, all ``(w, u, k, v, state) -> (out, new_state)`` with ``k, v`` of shape (B, T, C):
+
+    wkv_reference  O(T^2) straight from the definition, for tests (use float64)
+    wkv_chunked    the parallel form: exact within chunks of ``chunk_len`` tokens (all chunks
+                   at once), the state carried across chunks by a short scan; autograd-safe
+    wkv_step       the recurrent form, one token at a time (the decode path when T == 1)
+
+Arithmetic happens in the dtype of ``k`` (callers pass fp32 or fp64; never half precision).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+# Log of an empty sum. Finite (not -inf) so that `max - max` never produces NaN.
+EMPTY_LOG = -1e38
+
+# Chunks processed together are capped at this many (t, i, c) weights per batch row so that
+# memory stays bounded whatever T is.
+_MAX_WEIGHTS_PER_GROUP = 1 << 23
+
+
+class WkvState(NamedTuple):
+    """(num, den, max), each (B, C): a = num * e^max, b = den * e^max."""
+
+    num: Tensor
+    den: Tensor
+    max: Tensor
+
+    @staticmethod
+    def zeros(batch: int, channels: int, *, dtype=torch.float32, device=None) -> "WkvState":
+        z = torch.zeros(batch, channels, dtype=dtype, device=device)
+        return WkvState(z, z.clone(), torch.full_like(z, EMPTY_LOG))
+
+
+def _initial(state: WkvState | None, k: Tensor) -> WkvState:
+    if state is None:
+        return WkvState.zeros(k.shape[0], k.shape[2], dtype=k.dtype, device=k.device)
+    return WkvState(*(s.to(k.dtype) for s in state))
+
+
+def wkv_step(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WkvState | None = None):
+    """Recurrent form: the official one-token update, applied token by token."""
+    num, den, mx = _initial(state, k)
+    outs = []
+    for t in range(k.shape[1]):
+        kt, vt = k[:, t], v[:, t]
+        uk = u + kt
+        p = torch.maximum(mx, uk)
+        e1, e2 = torch.exp(mx - p), torch.exp(uk - p)
+        outs.append((e1 * num + e2 * vt) / (e1 * den + e2))
+        decayed = mx + w
+        p = torch.maximum(decayed, kt)
+        e1, e2 = torch.exp(decayed - p), torch.exp(kt - p)
+        num, den, mx = e1 * num + e2 * vt, e1 * den + e2, p
+    return torch.stack(outs, dim=1), WkvState(num, den, mx)
+
+
+def wkv_reference(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WkvState | None = None):
+    """O(T^2) form written from the definition: every output sums over every past token.
+
+    Log-weights of token i in output t (i < t): (t - 1 - i) w + k_i; of the current token:
+    u + k_t; of the incoming state: max_0 + t w.
+    """
+    s0 = _initial(state, k)
+    B, T, C = k.shape
+    t = torch.arange(T, device=k.device, dtype=k.dtype)
+    lag = (t[:, None] - 1 - t[None, :])[..., None]  # (T, T, 1): t - 1 - i
+    logw = lag * w + k[:, None, :, :]  # (B, T, T, C)
+    diag = torch.eye(T, dtype=torch.bool, device=k.device)[..., None]
+    logw = torch.where(diag, (u + k)[:, None, :, :], logw)
+    future = (lag < -1).expand(T, T, 1)
+    logw = logw.masked_fill(future, float("-inf"))
+    log_state = s0.max[:, None, :] + t[None, :, None] * w  # (B, T, C)
+    p = torch.maximum(logw.amax(dim=2), log_state)
+    ew, es = torch.exp(logw - p[:, :, None]), torch.exp(log_state - p)
+    out = (es * s0.num[:, None] + (ew * v[:, None]).sum(2)) / (es * s0.den[:, None] + ew.sum(2))
+    # Final state: terms (T - 1 - i) w + k_i for every token, and max_0 + T w for the old state.
+    logs = (T - 1 - t)[:, None] * w + k  # (B, T, C)
+    log_old = s0.max + T * w
+    m = torch.maximum(logs.amax(dim=1), log_old)
+    es, ew = torch.exp(log_old - m), torch.exp(logs - m[:, None])
+    return out, WkvState(es * s0.num + (ew * v).sum(1), es * s0.den + ew.sum(1), m)
+
+
+def _chunk_group(w: Tensor, u: Tensor, k: Tensor, v: Tensor, s: WkvState):
+    """N consecutive chunks of equal length L: k, v (B, N, L, C) -> out (B, N, L, C), state."""
+    B, N, L, C = k.shape
+    t = torch.arange(L, device=k.device, dtype=k.dtype)
+    lag = (t[:, None] - 1 - t[None, :])[..., None]  # (L, L, 1)
+    diag = torch.eye(L, dtype=torch.bool, device=k.device)[..., None]
+    future = (lag < -1).expand(L, L, 1)
+
+    # Within each chunk: output t sums tokens i <= t of the same chunk.
+    logw = torch.where(diag, (u + k)[:, :, None], lag * w + k[:, :, None])  # (B, N, L, L, C)
+    logw = logw.masked_fill(future, float("-inf"))
+    # The stabiliser only rescales numerator and denominator alike: no gradient through it.
+    p_in = logw.amax(dim=3).detach()  # (B, N, L, C)
+    ew = torch.exp(logw - p_in[:, :, :, None])
+    num_in = (ew * v[:, :, None]).sum(3)
+    den_in = ew.sum(3)
+
+    # Each chunk's own contribution to the state at its end, then a scan over chunks.
+    logs = (L - 1 - t)[:, None] * w + k  # (B, N, L, C)
+    m_c = logs.amax(dim=2)  # (B, N, C)
+    ec = torch.exp(logs - m_c[:, :, None])
+    num_c, den_c = (ec * v).sum(2), ec.sum(2)
+    Lw = L * w
+    starts = []
+    num, den, mx = s
+    for n in range(N):
+        starts.append((num, den, mx))
+        decayed = mx + Lw
+        m = torch.maximum(decayed, m_c[:, n])
+        e1, e2 = torch.exp(decayed - m), torch.exp(m_c[:, n] - m)
+        num, den, mx = e1 * num + e2 * num_c[:, n], e1 * den + e2 * den_c[:, n], m
+    num0, den0, mx0 = (torch.stack(x, dim=1) for x in zip(*starts))  # (B, N, C) each
+
+    # Combine: the state entering chunk n reaches its token t decayed by t steps.
+    log_state = mx0[:, :, None] + t[:, None] * w  # (B, N, L, C)
+    p = torch.maximum(p_in, log_state).detach()
+    e_in, e_st = torch.exp(p_in - p), torch.exp(log_state - p)
+    out = (e_st * num0[:, :, None] + e_in * num_in) / (e_st * den0[:, :, None] + e_in * den_in)
+    return out, WkvState(num, den, mx)
+
+
+def wkv_chunked(
+    w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WkvState | None = None, chunk_len: int = 32
+):
+    """Parallel form: chunks of ``chunk_len`` tokens, exact within a chunk, O(T * chunk_len * C)."""
+    if chunk_len < 1:
+        raise ValueError(f"chunk_len must be >= 1, got {chunk_len}")
+    s = _initial(state, k)
+    B, T, C = k.shape
+    L = min(chunk_len, T)
+    group = max(1, _MAX_WEIGHTS_PER_GROUP // (L * L * C))  # chunks per group
+    outs = []
+    pos = 0
+    while pos < T:
+        n = min(group, (T - pos) // L)
+        length = L if n > 0 else T - pos  # the tail: one shorter chunk
+        n = max(n, 1)
+        end = pos + n * length
+        kk = k[:, pos:end].reshape(B, n, length, C)
+        vv = v[:, pos:end].reshape(B, n, length, C)
+        out, s = _chunk_group(w, u, kk, vv, s)
+        outs.append(out.reshape(B, n * length, C))
+        pos = end
+    return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0], s
