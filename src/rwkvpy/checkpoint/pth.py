@@ -59,4 +59,6 @@ def write_pth(sd: dict[str, Tensor], path: str | os.PathLike) -> None:
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
+    if not text:
+        return type(e).__name__
+    return text[0].split(". ")[0][:200]

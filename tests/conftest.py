@@ -1,0 +1,35 @@
+import os
+
+# The official package reads these at import time: plain PyTorch, no JIT, no CUDA build.
+os.environ.setdefault("RWKV_JIT_ON", "0")
+os.environ.setdefault("RWKV_CUDA_ON", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from rwkvpy.models import RWKV4Config, build_model, random_state_dict  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |a - e| / max |e|: the error relative to the tensor's scale."""
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+# Shapes for model tests: square, odd widths, non-4x FFN, dim_att != n_embd.
+SHAPES = {
+    "small": RWKV4Config(vocab_size=97, n_embd=32, n_layer=2),
+    "odd": RWKV4Config(vocab_size=61, n_embd=37, n_layer=3, dim_ffn=101),
+    "ffn35": RWKV4Config(vocab_size=128, n_embd=48, n_layer=2, dim_ffn=168),
+}
+SHAPE_ATT = RWKV4Config(vocab_size=50, n_embd=40, n_layer=2, dim_att=24, dim_ffn=72)
+
+
+@pytest.fixture(params=list(SHAPES), ids=list(SHAPES))
+def cfg(request) -> RWKV4Config:
+    return SHAPES[request.param]
+
+
+def make_model(cfg: RWKV4Config, seed: int = 0, dtype=torch.float32):
+    return build_model(cfg, random_state_dict(cfg, seed=seed), dtype=dtype)

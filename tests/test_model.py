@@ -1,0 +1,142 @@
+"""One set of weights, every form: whole sequence = token by token = any split, per batch row."""
+
+import pytest
+import torch
+
+from conftest import SHAPE_ATT, make_model, rel_err
+from rwkvpy import RwkvpyError
+from rwkvpy.models import RWKV4State
+
+T = 40
+
+
+def tokens_for(cfg, B=3, T=T, seed=0):
+    return torch.randint(0, cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_states_close(a: RWKV4State, b: RWKV4State, tol):
+    for (name, x), y in zip(a.tensors().items(), b.tensors().values()):
+        assert rel_err(x, y) <= tol, name
+
+
+@torch.no_grad()
+def run_steps(model, toks, state=None):
+    rows = []
+    for t in range(toks.shape[1]):
+        row, state = model.step(toks[:, t], state)
+        rows.append(row)
+    return torch.stack(rows, 1), state
+
+
+@torch.no_grad()
+def test_whole_equals_token_by_token(cfg):
+    model = make_model(cfg)
+    toks = tokens_for(cfg)
+    logits, state = model(toks)
+    step_logits, step_state = run_steps(model, toks)
+    assert rel_err(step_logits, logits) < 1e-5
+    assert_states_close(step_state, state, 1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("splits", [[1], [17], [31, 32, 33], [5, 6, 20, 39]])
+def test_any_split_with_state_carried(cfg, splits):
+    model = make_model(cfg)
+    toks = tokens_for(cfg)
+    whole, whole_state = model(toks)
+    parts, state, prev = [], None, 0
+    for cut in splits + [T]:
+        out, state = model(toks[:, prev:cut], state)
+        parts.append(out)
+        prev = cut
+    assert rel_err(torch.cat(parts, 1), whole) < 1e-5
+    assert_states_close(state, whole_state, 1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("chunk_len", [1, 8, 64])
+def test_chunk_len_does_not_change_logits(chunk_len):
+    model = make_model(SHAPE_ATT)
+    toks = tokens_for(SHAPE_ATT)
+    base, _ = model(toks)
+    model.chunk_len = chunk_len
+    assert rel_err(model(toks)[0], base) < 1e-5
+
+
+@torch.no_grad()
+def test_each_batch_row_equals_its_sequence_alone(cfg):
+    model = make_model(cfg)
+    toks = tokens_for(cfg, B=4)
+    prefix_state = model(tokens_for(cfg, B=4, T=9, seed=5))[1]  # rows start from different states
+    logits, state = model(toks, prefix_state)
+    for b in range(4):
+        alone, s = model(toks[b : b + 1], prefix_state.select(b))
+        assert rel_err(alone[0], logits[b]) < 1e-5
+        assert_states_close(s, state.select(b), 1e-5)
+
+
+@torch.no_grad()
+def test_dim_att_differs_from_n_embd():
+    model = make_model(SHAPE_ATT)
+    toks = tokens_for(SHAPE_ATT)
+    logits, state = model(toks)
+    assert state.num.shape == (SHAPE_ATT.n_layer, 3, SHAPE_ATT.dim_att)
+    assert rel_err(run_steps(model, toks)[0], logits) < 1e-5
+
+
+@torch.no_grad()
+def test_calls_never_modify_the_given_state(cfg):
+    model = make_model(cfg)
+    _, state = model(tokens_for(cfg, T=5))
+    before = state.clone()
+    model(tokens_for(cfg, seed=1), state)
+    model.step(tokens_for(cfg, T=1)[:, 0], state)
+    assert_states_close(state, before, 0.0)
+
+
+def test_state_operations():
+    s = RWKV4State.zeros(n_layer=2, batch=3, n_embd=4, dim_att=5)
+    assert s.batch_size == 3 and s.n_layer == 2 and s.num.shape == (2, 3, 5)
+    assert (s.max < -1e37).all() and s.num.dtype == torch.float32
+    filled = RWKV4State(**{k: torch.randn_like(v) for k, v in s.tensors().items()})
+    rows = [filled.select(i) for i in range(3)]
+    assert all(r.batch_size == 1 for r in rows)
+    assert_states_close(RWKV4State.concat(rows), filled, 0.0)
+    assert_states_close(filled.select([2, 0]), RWKV4State.concat([rows[2], rows[0]]), 0.0)
+    c = filled.clone()
+    c.num.add_(1)
+    assert not torch.equal(c.num, filled.num)
+
+
+@torch.no_grad()
+def test_last_only_returns_the_last_position():
+    model = make_model(SHAPE_ATT)
+    toks = tokens_for(SHAPE_ATT)
+    full, s1 = model(toks)
+    last, s2 = model(toks, last_only=True)
+    assert last.shape == (3, 1, SHAPE_ATT.vocab_size)
+    assert rel_err(last[:, 0], full[:, -1]) < 1e-6  # GEMM blocking differs with M; values do not
+    assert_states_close(s1, s2, 0.0)
+
+
+def test_bad_inputs_are_named():
+    model = make_model(SHAPE_ATT)
+    with pytest.raises(RwkvpyError, match="token id 50 is outside"):
+        model(torch.tensor([[1, 50]]))
+    with pytest.raises(RwkvpyError, match="shape"):
+        model(torch.tensor([1, 2]))
+    with pytest.raises(RwkvpyError, match="batch"):
+        model(torch.tensor([[1, 2]]), model.zero_state(2))
+    with pytest.raises(RwkvpyError, match="integers"):
+        model(torch.tensor([[1.0, 2.0]]))
+
+
+def test_half_precision_weights_keep_fp32_state_and_decay():
+    model = make_model(SHAPE_ATT, dtype=torch.bfloat16)
+    assert model.blocks[0].att.time_decay.dtype == torch.float32
+    assert model.blocks[0].att.key.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        logits, state = model(tokens_for(SHAPE_ATT))
+    assert state.num.dtype == torch.float32 and torch.isfinite(logits).all()
+    ref, _ = make_model(SHAPE_ATT)(tokens_for(SHAPE_ATT))
+    assert rel_err(logits.float(), ref.detach()) < 0.1  # bf16 has 8 bits of mantissa
