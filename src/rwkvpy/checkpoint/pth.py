@@ -25,12 +25,14 @@ def read_pth(path: str | os.PathLike) -> dict[str, Tensor]:
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Weights only" in str(e):
+        if "Unsupported global" in str(e):
             raise CheckpointError(
                 f"{path}: holds Python objects other than tensors; refused "
                 "(checkpoints are loaded with weights_only=True)"
             ) from None
-        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint: {_first_line(e)}") from None
+        raise CheckpointError(
+            f"{path}: cannot read as a PyTorch checkpoint (truncated or corrupt?): {_unpickler_reason(e)}"
+        ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError) as e:
         if isinstance(e, (FileNotFoundError, IsADirectoryError, PermissionError)):
             raise CheckpointError(f"{path}: {e.strerror}") from None
@@ -62,3 +64,14 @@ def _first_line(e: BaseException) -> str:
     if not text:
         return type(e).__name__
     return text[0].split(". ")[0][:200]
+
+
+def _unpickler_reason(e: BaseException) -> str:
+    """The useful part of torch's long weights-only error message."""
+    text = str(e)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        rest = [line.strip() for line in text.split(marker, 1)[1].splitlines() if line.strip()]
+        if rest:
+            return rest[0][:200]
+    return _first_line(e)
