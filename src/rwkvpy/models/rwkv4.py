@@ -27,7 +27,11 @@ from ..ops.wkv import WkvState, wkv_chunked, wkv_step
 from .config import RWKV4Config
 from .state import RWKV4State
 
-DEFAULT_CHUNK_LEN = 32
+# Chunk length of the parallel WKV by device, as measured (docs/benchmarks.md): intra-chunk
+# work grows as chunk_len^2 and the scan's op count as 1/chunk_len. On a CPU the arithmetic
+# dominates (4 was fastest for prefill and for training shapes); on a GPU kernel launches do.
+CHUNK_LEN_CPU = 4
+CHUNK_LEN_ACCELERATOR = 64
 _FP32_KEYS = ("att.time_decay", "att.time_first")
 
 
@@ -99,7 +103,7 @@ class RWKV4(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
         self.ln_out = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.chunk_len = DEFAULT_CHUNK_LEN
+        self.chunk_len: int | None = None  # None: the measured default for the device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -129,12 +133,15 @@ class RWKV4(nn.Module):
                 f"state has batch {state.batch_size} and {state.n_layer} layers; "
                 f"tokens have batch {B} and the model {self.config.n_layer} layers"
             )
+        chunk_len = self.chunk_len or (
+            CHUNK_LEN_CPU if self.device.type == "cpu" else CHUNK_LEN_ACCELERATOR
+        )
         x = self.emb(tokens)
         new = {name: [] for name in ("att_x", "ffn_x", "num", "den", "max")}
         for i, block in enumerate(self.blocks):
             if i == 0:
                 x = block.ln0(x)
-            out, att_x, s = block.att(block.ln1(x), state.att_x[i], state.layer_wkv(i), self.chunk_len)
+            out, att_x, s = block.att(block.ln1(x), state.att_x[i], state.layer_wkv(i), chunk_len)
             x = x + out
             out, ffn_x = block.ffn(block.ln2(x), state.ffn_x[i])
             x = x + out

@@ -145,7 +145,7 @@ def _chunk_group(w: Tensor, u: Tensor, k: Tensor, v: Tensor, s: WkvState):
 
 
 def wkv_chunked(
-    w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WkvState | None = None, chunk_len: int = 32
+    w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WkvState | None = None, chunk_len: int = 4
 ):
     """Parallel form: chunks of ``chunk_len`` tokens, exact within a chunk, O(T * chunk_len * C)."""
     if chunk_len < 1:
