@@ -277,3 +277,19 @@ def test_cli_convert_refuses_to_overwrite(tmp_path, pth):
 def test_cli_info(pth):
     r = run_cli("info", pth)
     assert r.returncode == 0 and "dim_ffn         101" in r.stdout
+
+
+def test_model_save_then_load(tmp_path, pth):
+    model = rwkvpy.load(pth)
+    model.save(tmp_path / "saved")
+    back = rwkvpy.load(tmp_path / "saved")
+    assert back.config == model.config
+    assert_bit_identical(back.state_dict(), model.state_dict())
+
+
+def test_load_dtype_and_device_arguments(pth):
+    model = rwkvpy.load(pth, device="cpu", dtype="bf16")
+    assert model.dtype == torch.bfloat16
+    assert model.blocks[0].att.time_first.dtype == torch.float32
+    with pytest.raises(rwkvpy.RwkvpyError, match="unknown dtype 'int3'"):
+        rwkvpy.load(pth, dtype="int3")
