@@ -15,8 +15,10 @@ def tokens_for(cfg, B=3, T=T, seed=0):
 
 
 def assert_states_close(a: RWKV4State, b: RWKV4State, tol):
+    assert torch.equal(a.pos, b.pos)
     for (name, x), y in zip(a.tensors().items(), b.tensors().values()):
-        assert rel_err(x, y) <= tol, name
+        if name != "pos":
+            assert rel_err(x, y) <= tol, name
 
 
 @torch.no_grad()
@@ -95,17 +97,35 @@ def test_calls_never_modify_the_given_state(cfg):
 
 
 def test_state_operations():
-    s = RWKV4State.zeros(n_layer=2, batch=3, n_embd=4, dim_att=5)
+    s = RWKV4State.zeros(n_layer=2, batch=3, n_embd=4, dim_att=5, model_id="abc")
     assert s.batch_size == 3 and s.n_layer == 2 and s.num.shape == (2, 3, 5)
-    assert (s.max < -1e37).all() and s.num.dtype == torch.float32
-    filled = RWKV4State(**{k: torch.randn_like(v) for k, v in s.tensors().items()})
+    assert (s.max < -1e37).all() and s.num.dtype == torch.float32 and s.pos.tolist() == [0, 0, 0]
+
+    def fill(k, v):
+        return torch.tensor([7, 8, 9]) if k == "pos" else torch.randn_like(v)
+
+    filled = RWKV4State(**{k: fill(k, v) for k, v in s.tensors().items()}, model_id="abc")
     rows = [filled.select(i) for i in range(3)]
-    assert all(r.batch_size == 1 for r in rows)
+    assert all(r.batch_size == 1 and r.model_id == "abc" for r in rows)
+    assert rows[1].pos.tolist() == [8] and torch.equal(rows[1].num[:, 0], filled.num[:, 1])
     assert_states_close(RWKV4State.concat(rows), filled, 0.0)
     assert_states_close(filled.select([2, 0]), RWKV4State.concat([rows[2], rows[0]]), 0.0)
     c = filled.clone()
     c.num.add_(1)
     assert not torch.equal(c.num, filled.num)
+    other = RWKV4State(**filled.select(0).tensors(), model_id="xyz")
+    with pytest.raises(RwkvpyError, match="different models"):
+        RWKV4State.concat([rows[0], other])
+
+
+@torch.no_grad()
+def test_state_counts_tokens_and_knows_its_model(cfg):
+    model = make_model(cfg)
+    _, s = model(tokens_for(cfg, B=2, T=7))
+    _, s = model.step(torch.tensor([1, 2]), s)
+    assert s.pos.tolist() == [8, 8] and s.model_id == model.fingerprint != ""
+    assert make_model(cfg, seed=1).fingerprint != model.fingerprint
+    assert make_model(cfg, dtype=torch.bfloat16).fingerprint == model.fingerprint
 
 
 @torch.no_grad()

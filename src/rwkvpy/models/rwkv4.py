@@ -15,6 +15,7 @@ with ``ln0`` applied to the embedding before block 0 and ``head(ln_out(x))`` at 
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -115,7 +116,18 @@ class RWKV4(nn.Module):
 
     def zero_state(self, batch_size: int = 1) -> RWKV4State:
         c = self.config
-        return RWKV4State.zeros(c.n_layer, batch_size, c.n_embd, c.dim_att, device=self.device)
+        return RWKV4State.zeros(c.n_layer, batch_size, c.n_embd, c.dim_att, device=self.device,
+                                model_id=self.fingerprint)
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the weights (sampled, rounded to bf16 so fp32/bf16 loads agree).
+
+        Computed once, when first needed; it does not follow later changes to the weights.
+        """
+        if getattr(self, "_fingerprint", None) is None:
+            self._fingerprint = weights_fingerprint(self.state_dict())
+        return self._fingerprint
 
     def forward(
         self, tokens: Tensor, state: RWKV4State | None = None, *, last_only: bool = False
@@ -150,7 +162,8 @@ class RWKV4(nn.Module):
         if last_only:
             x = x[:, -1:]
         logits = self.head(self.ln_out(x))
-        return logits, RWKV4State(**{k: torch.stack(v) for k, v in new.items()})
+        layers = {k: torch.stack(v) for k, v in new.items()}
+        return logits, RWKV4State(**layers, pos=state.pos + tokens.shape[1], model_id=state.model_id)
 
     def step(self, tokens: Tensor, state: RWKV4State | None = None) -> tuple[Tensor, RWKV4State]:
         """One token per stream: tokens (B,) -> logits (B, V), new state."""
@@ -177,6 +190,19 @@ class RWKV4(nn.Module):
         from ..checkpoint.native import save_native
 
         save_native(self.config, self.state_dict(), path)
+
+
+def weights_fingerprint(sd: dict[str, Tensor], samples: int = 4096) -> str:
+    """sha256 over names, shapes and up to ``samples`` evenly spaced values of each tensor."""
+    h = hashlib.sha256()
+    for name in sorted(sd):
+        t = sd[name].detach()
+        flat = t.reshape(-1)
+        stride = max(1, flat.numel() // samples)
+        values = flat[::stride][:samples].to("cpu", torch.bfloat16).view(torch.int16)
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(values.numpy().tobytes())
+    return h.hexdigest()
 
 
 def random_state_dict(cfg: RWKV4Config, seed: int = 0, dtype=torch.float32) -> dict[str, Tensor]:
