@@ -6,6 +6,7 @@ Errors a user can cause print one line (``rwkvpy: error: ...``) and exit with st
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import tempfile
 import time
@@ -16,8 +17,12 @@ import torch
 
 from .checkpoint import FORMATS, read_checkpoint, write_checkpoint
 from .errors import RwkvpyError
+from .generation import FORMATS as CHAT_FORMATS
+from .generation import ChatSession, SamplingParams, generate
 from .loading import load
 from .models import RWKV4Config, build_model, random_state_dict
+from .models.state import load_state
+from .tokenizers import tokenizer_for_model
 
 
 def probe_tokens(vocab_size: int, length: int = 32) -> torch.Tensor:
@@ -107,6 +112,99 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def unescape(text: str) -> str:
+    """Backslash escapes typed on a command line: \\n, \\t, \\r and \\\\."""
+    return re.sub(r"\\([ntr\\])", lambda m: {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[m.group(1)], text)
+
+
+def load_model_and_tokenizer(args):
+    model = load(args.model, dtype=args.dtype)
+    return model, tokenizer_for_model(model.config.vocab_size, args.tokenizer, args.model)
+
+
+def sampling_from(args, **overrides) -> SamplingParams:
+    return SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+        penalty_decay=args.penalty_decay, banned_tokens=tuple(args.ban), stop_tokens=tuple(args.stop_token),
+        stop_strings=tuple(unescape(s) for s in args.stop), max_new_tokens=args.max_tokens, seed=args.seed,
+        **overrides,
+    )
+
+
+def cmd_generate(args) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else unescape(args.prompt)
+    model, tokenizer = load_model_and_tokenizer(args)
+    state = load_state(args.state_in, model) if args.state_in else None
+    gen = generate(model, tokenizer, prompt, state=state, params=sampling_from(args))
+    t0 = time.perf_counter()
+    for piece in gen:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    dt = time.perf_counter() - t0
+    if args.state_out:
+        gen.state.save(args.state_out, text=prompt + gen.text)
+    if args.verbose:
+        print(f"[{len(gen.prompt_tokens)} prompt + {len(gen.tokens)} new tokens in {dt:.2f}s, "
+              f"stopped by {gen.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+CHAT_HELP = """commands: /reset  /save FILE  /load FILE  /regenerate  /help  /quit"""
+
+
+def cmd_chat(args) -> int:
+    model, tokenizer = load_model_and_tokenizer(args)
+    session = ChatSession(model, tokenizer, format=args.format, system=args.system,
+                          params=sampling_from(args))
+    user, bot = {"world": ("User", "Assistant"), "raven": ("Bob", "Alice"),
+                 "alpaca": ("Instruction", "Response")}[args.format]
+    print(f"rwkvpy chat ({args.format} format). {CHAT_HELP}", file=sys.stderr)
+    while True:
+        try:
+            line = input(f"{user}: ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        command, _, arg = line.strip().partition(" ")
+        try:
+            if command in ("/quit", "/exit"):
+                return 0
+            if command == "/help":
+                print(CHAT_HELP)
+                continue
+            if command == "/reset":
+                session.reset()
+                print("[conversation reset]")
+                continue
+            if command in ("/save", "/load"):
+                if not arg:
+                    print(f"[usage: {command} FILE]")
+                    continue
+                getattr(session, command[1:])(arg.strip())
+                print(f"[{'saved to' if command == '/save' else 'loaded'} {arg.strip()}]")
+                continue
+            if command == "/regenerate":
+                stream = session.regenerate()
+            elif command.startswith("/"):
+                print(f"[unknown command {command}; {CHAT_HELP}]")
+                continue
+            elif not line.strip():
+                continue
+            else:
+                stream = session.send(line)
+            sys.stdout.write(f"{bot}:")
+            for piece in stream:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        except RwkvpyError as e:
+            print(f"[error: {e}]")
+        except KeyboardInterrupt:
+            print("\n[interrupted]")
+
+
 def _describe(cfg: RWKV4Config, sd) -> str:
     n = sum(t.numel() for t in sd.values())
     return (f"RWKV-4, {cfg.n_layer} layers, n_embd {cfg.n_embd}, dim_att {cfg.dim_att}, "
@@ -127,6 +225,42 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="print a checkpoint's format, shapes and size")
     i.add_argument("model")
     i.set_defaults(func=cmd_info)
+
+    def model_args(q):
+        q.add_argument("--model", required=True, help="checkpoint: .pth, HF folder or rwkvpy format")
+        q.add_argument("--tokenizer", help="tokenizer.json, World vocab .txt, or 'bytes' (default: "
+                       "the model folder's, else implied by the vocabulary size)")
+        q.add_argument("--dtype", default="fp32", help="fp32 (default), bf16, fp16")
+
+    def sampling_args(q, temperature, top_p, max_tokens):
+        q.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+        q.add_argument("--top-p", type=float, default=top_p)
+        q.add_argument("--top-k", type=int, default=0)
+        q.add_argument("--min-p", type=float, default=0.0)
+        q.add_argument("--presence-penalty", type=float, default=0.0)
+        q.add_argument("--frequency-penalty", type=float, default=0.0)
+        q.add_argument("--penalty-decay", type=float, default=1.0)
+        q.add_argument("--ban", type=int, action="append", default=[], metavar="ID", help="banned token id")
+        q.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (\\n ok)")
+        q.add_argument("--stop-token", type=int, action="append", default=[], metavar="ID")
+        q.add_argument("--max-tokens", type=int, default=max_tokens)
+        q.add_argument("--seed", type=int, default=None)
+
+    g = sub.add_parser("generate", help="continue a prompt, streaming to stdout")
+    model_args(g)
+    g.add_argument("prompt", help="the prompt text, or - to read it from stdin")
+    sampling_args(g, temperature=1.0, top_p=0.85, max_tokens=200)
+    g.add_argument("--state-in", metavar="FILE", help="continue from a saved state")
+    g.add_argument("--state-out", metavar="FILE", help="save the final state")
+    g.add_argument("-v", "--verbose", action="store_true", help="print token counts and time to stderr")
+    g.set_defaults(func=cmd_generate)
+
+    ch = sub.add_parser("chat", help="interactive chat (World, Raven or Alpaca format)")
+    model_args(ch)
+    ch.add_argument("--format", choices=list(CHAT_FORMATS), default="world")
+    ch.add_argument("--system", help="system prompt")
+    sampling_args(ch, temperature=1.0, top_p=0.3, max_tokens=500)
+    ch.set_defaults(func=cmd_chat, presence_penalty=0.4, frequency_penalty=0.4, penalty_decay=0.996)
 
     d = sub.add_parser("demo", help="run the forms and formats on a small random model")
     d.add_argument("--tokens", type=int, default=48)

@@ -38,7 +38,7 @@ class SamplingParams:
             (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
             (0 < self.penalty_decay <= 1, "penalty_decay must be in (0, 1]"),
             (self.max_new_tokens >= 0, "max_new_tokens must be >= 0"),
-            (all(s for s in self.stop_strings), "stop strings must not be empty"),
+            (all(s for s in self.stop_strings), "stop_strings must not contain empty strings"),
         ]
         for ok, message in checks:
             if not ok:

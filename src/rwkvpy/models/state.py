@@ -117,6 +117,11 @@ def read_state_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
 
 def load_state(path: str | os.PathLike, model) -> RWKV4State:
     """A state saved by ``state.save``, checked against the model it is loaded into."""
+    return load_state_and_metadata(path, model)[0]
+
+
+def load_state_and_metadata(path: str | os.PathLike, model) -> tuple[RWKV4State, dict[str, str]]:
+    """The state and the file's metadata (``text``, ``tokens_consumed``, ...)."""
     tensors, meta = read_state_file(path)
     saved, ours = meta.get("model_fingerprint", ""), model.fingerprint
     if saved != ours:
@@ -137,4 +142,4 @@ def load_state(path: str | os.PathLike, model) -> RWKV4State:
         if not shape_ok or got.dtype != want.dtype:
             raise RwkvpyError(f"{path}: state tensor {name!r} has shape {tuple(got.shape)} {got.dtype}, "
                               f"expected {tuple(want.shape)} {want.dtype} (batch may differ)")
-    return RWKV4State(**{k: v.to(model.device) for k, v in tensors.items()}, model_id=ours)
+    return RWKV4State(**{k: v.to(model.device) for k, v in tensors.items()}, model_id=ours), meta

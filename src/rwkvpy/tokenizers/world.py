@@ -26,10 +26,11 @@ class WorldTokenizer:
         except UnicodeDecodeError:
             raise RwkvpyError(f"{path}: not UTF-8 text, so not a World vocabulary file") from None
         self.id_to_bytes: dict[int, bytes] = {}
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            self._parse_line(path, n, line)
+        # Only LF / CRLF end a line: str.splitlines would also split at \x0b, \x85, \u2028...
+        for n, line in enumerate(raw.split("\n"), 1):
+            line = line.removesuffix("\r")
+            if line.strip():
+                self._parse_line(path, n, line)
         if not self.id_to_bytes:
             raise RwkvpyError(f"{path}: no tokens in the vocabulary file")
         self.bytes_to_id = {b: i for i, b in self.id_to_bytes.items()}

@@ -71,8 +71,11 @@ class Generation:
     ``finish_reason`` ('stop_token', 'stop_string' or 'length') and ``stop_token``."""
 
     def __init__(self, model, tokenizer: Tokenizer, prompt: str | list[int], params: SamplingParams,
-                 state: RWKV4State | None = None):
+                 state: RWKV4State | None = None, generator: torch.Generator | None = None,
+                 prefill_chunk: int = PREFILL_CHUNK):
         self.model, self.tokenizer, self.params = model, tokenizer, params
+        self.prefill_chunk = prefill_chunk
+        self.generator = generator if generator is not None else make_generator(params.seed)
         self.prompt_tokens = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.state = state
         self.tokens: list[int] = []
@@ -100,8 +103,7 @@ class Generation:
     @torch.no_grad()
     def _run(self) -> Iterator[str]:
         p, model, tok = self.params, self.model, self.tokenizer
-        logits, self.state = prefill(model, self.prompt_tokens, self.state)
-        generator = make_generator(p.seed)
+        logits, self.state = prefill(model, self.prompt_tokens, self.state, self.prefill_chunk)
         penalties = Penalties.empty(logits.shape[-1])
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = StopStringFilter(p.stop_strings)
@@ -110,7 +112,7 @@ class Generation:
         for _ in range(p.max_new_tokens):
             scores = ban_tokens(logits, p.banned_tokens)
             scores = apply_penalties(scores, penalties, p.presence_penalty, p.frequency_penalty)
-            token = int(sample(scores, p, generator))
+            token = int(sample(scores, p, self.generator))
             if token in stop_tokens:
                 self.finish_reason, self.stop_token = "stop_token", token
                 break
@@ -130,10 +132,11 @@ class Generation:
 
 
 def generate(model, tokenizer: Tokenizer, prompt: str | list[int], *, state: RWKV4State | None = None,
-             params: SamplingParams | None = None, **sampling) -> Generation:
+             params: SamplingParams | None = None, prefill_chunk: int = PREFILL_CHUNK,
+             **sampling) -> Generation:
     """Start a generation; iterate it for text pieces. ``sampling`` fields as in SamplingParams."""
     if params is None:
         params = SamplingParams(**sampling)
     elif sampling:
         raise RwkvpyError("pass either params or sampling keywords, not both")
-    return Generation(model, tokenizer, prompt, params, state)
+    return Generation(model, tokenizer, prompt, params, state, prefill_chunk=prefill_chunk)
