@@ -6,6 +6,7 @@ Errors a user can cause print one line (``rwkvpy: error: ...``) and exit with st
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import tempfile
@@ -205,6 +206,38 @@ def cmd_chat(args) -> int:
             print("\n[interrupted]")
 
 
+def cmd_train(args) -> int:
+    from dataclasses import fields
+
+    from .train import TrainConfig, Trainer
+
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    trainer = Trainer(TrainConfig(**given), resume=args.resume)
+    if trainer.rank == 0:
+        print(f"{trainer.cfg.arch}: {trainer.n_params:,} parameters; data {len(trainer.data.train):,} train / "
+              f"{len(trainer.data.val):,} val tokens; writing {trainer.out}", file=sys.stderr)
+    result = trainer.fit()
+    if trainer.rank == 0:
+        print(json.dumps(result))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .train.evaluate import evaluate_file
+
+    model, tokenizer = load(args.model, dtype=args.dtype), None
+    if model.config.vocab_size != 256 or args.tokenizer:
+        tokenizer = tokenizer_for_model(model.config.vocab_size, args.tokenizer, args.model)
+    r = evaluate_file(model, args.data, tokenizer, ctx_len=args.ctx_len, val_fraction=args.val_fraction,
+                      split=args.split)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"{r['split']} loss {r['loss']:.4f} nats/token, {r['bits_per_byte']:.4f} bits/byte "
+              f"({r['tokens']:,} tokens, windows of {r['ctx_len']})")
+    return 0
+
+
 def _describe(cfg: RWKV4Config, sd) -> str:
     n = sum(t.numel() for t in sd.values())
     return (f"RWKV-4, {cfg.n_layer} layers, n_embd {cfg.n_embd}, dim_att {cfg.dim_att}, "
@@ -261,6 +294,37 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--system", help="system prompt")
     sampling_args(ch, temperature=1.0, top_p=0.3, max_tokens=500)
     ch.set_defaults(func=cmd_chat, presence_penalty=0.4, frequency_penalty=0.4, penalty_decay=0.996)
+
+    from .train import ARCHS, TrainConfig
+
+    t = sub.add_parser("train", help="train a language model (RWKV-4 or the GPT baseline)")
+    t.add_argument("--data", required=True, help="a text file (bytes unless --tokenizer is given)")
+    t.add_argument("--out", dest="out_dir", help="output folder (checkpoints, log.csv, curves.png, model/)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    t.add_argument("--tokenizer")
+    t.add_argument("--arch", choices=ARCHS)
+    defaults = TrainConfig(data="")
+    for name in ("n_layer", "n_embd", "dim_ffn", "n_head", "ctx_len", "batch_size", "grad_accum", "max_iters",
+                 "warmup_iters", "eval_interval", "eval_windows", "ckpt_interval", "log_interval", "seed"):
+        t.add_argument("--" + name.replace("_", "-"), type=int, dest=name,
+                       help=f"default {getattr(defaults, name)}")
+    for name in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip", "val_fraction"):
+        t.add_argument("--" + name.replace("_", "-"), type=float, dest=name,
+                       help=f"default {getattr(defaults, name)}")
+    t.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast")
+    t.add_argument("--device", help="cpu (default) or cuda")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="validation loss and bits per byte of a model on a text file")
+    e.add_argument("--model", required=True)
+    e.add_argument("--data", required=True)
+    e.add_argument("--tokenizer")
+    e.add_argument("--dtype", default="fp32")
+    e.add_argument("--ctx-len", type=int, default=64, help="window length (state reset per window)")
+    e.add_argument("--split", choices=["val", "all"], default="val")
+    e.add_argument("--val-fraction", type=float, default=0.1)
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="run the forms and formats on a small random model")
     d.add_argument("--tokens", type=int, default=48)

@@ -257,3 +257,62 @@ def build_model(cfg: RWKV4Config, sd: dict[str, Tensor], dtype=torch.float32, de
     }
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval()
+
+
+@torch.no_grad()
+def official_init(cfg: RWKV4Config, seed: int = 0) -> dict[str, Tensor]:
+    """Initial weights as in the official training code (RWKV-LM v4neo ``generate_init_weight``
+    and the layers' "fancy init"): per-layer and per-channel decay, bonus and mix curves;
+    tiny uniform embedding; zero key/receptance/output projections; orthogonal elsewhere."""
+    g = torch.Generator().manual_seed(seed)
+    C, A, L = cfg.n_embd, cfg.dim_att, cfg.n_layer
+    sd = {}
+    for key, shape in _shapes(cfg).items():
+        if key.endswith(("ln0.weight", "ln1.weight", "ln2.weight", "ln_out.weight")):
+            sd[key] = torch.ones(shape)
+        elif key.endswith(".bias"):
+            sd[key] = torch.zeros(shape)
+        elif key == "emb.weight":
+            sd[key] = (torch.rand(shape, generator=g) * 2 - 1) * 1e-4
+        elif key.endswith(_ZERO_INIT):
+            sd[key] = torch.zeros(shape)
+        elif len(shape) == 2:
+            gain = math.sqrt(shape[0] / shape[1]) if shape[0] > shape[1] else 1.0
+            gain *= 0.5 if key == "head.weight" else 1.0
+            sd[key] = _orthogonal(shape, gain, g)
+    channel = torch.arange(C, dtype=torch.float64) / C  # i / n_embd
+    h = torch.arange(A, dtype=torch.float64) / max(A - 1, 1)
+    for i in range(L):
+        p = f"blocks.{i}."
+        ratio_0_to_1 = i / (L - 1) if L > 1 else 0.0
+        ratio_1_to_almost0 = 1.0 - i / L
+        sd[p + "att.time_decay"] = (-5 + 8 * h ** (0.7 + 1.3 * ratio_0_to_1)).float()
+        zigzag = torch.tensor([(j + 1) % 3 - 1 for j in range(A)], dtype=torch.float64) * 0.5
+        sd[p + "att.time_first"] = (math.log(0.3) + zigzag).float()
+        curve = channel ** ratio_1_to_almost0
+        sd[p + "att.time_mix_k"] = curve.float().view(1, 1, C)
+        sd[p + "att.time_mix_v"] = (curve + 0.3 * ratio_0_to_1).float().view(1, 1, C)
+        sd[p + "att.time_mix_r"] = (channel ** (0.5 * ratio_1_to_almost0)).float().view(1, 1, C)
+        sd[p + "ffn.time_mix_k"] = curve.float().view(1, 1, C)
+        sd[p + "ffn.time_mix_r"] = curve.float().view(1, 1, C)
+    return sd
+
+
+_ZERO_INIT = ("att.key.weight", "att.receptance.weight", "att.output.weight", "ffn.value.weight",
+              "ffn.receptance.weight")
+
+
+def _shapes(cfg: RWKV4Config) -> dict[str, tuple[int, ...]]:
+    from ..checkpoint.keys import expected_shapes
+
+    return expected_shapes(cfg)
+
+
+def _orthogonal(shape, gain: float, g: torch.Generator) -> Tensor:
+    """A (rows, cols) matrix with orthonormal rows or columns, times gain (as nn.init.orthogonal_)."""
+    rows, cols = shape
+    a = torch.randn(max(rows, cols), min(rows, cols), generator=g, dtype=torch.float64)
+    q, r = torch.linalg.qr(a)
+    q = q * torch.sign(torch.diagonal(r))
+    q = q if rows >= cols else q.T
+    return (gain * q).float().contiguous()

@@ -19,7 +19,8 @@ Forms, all ``(w, u, k, v, state) -> (out, new_state)`` with ``k, v`` of shape (B
 
     wkv_reference  O(T^2) straight from the definition, for tests (use float64)
     wkv_chunked    the parallel form: exact within chunks of ``chunk_len`` tokens (all chunks
-                   at once), the state carried across chunks by a short scan; autograd-safe
+                   at once); the state entering each chunk in closed form from the chunks'
+                   summaries; groups of chunks follow each other; autograd-safe
     wkv_step       the recurrent form, one token at a time (the decode path when T == 1)
 
 Arithmetic happens in the dtype of ``k`` (callers pass fp32 or fp64; never half precision).
@@ -107,41 +108,40 @@ def _chunk_group(w: Tensor, u: Tensor, k: Tensor, v: Tensor, s: WkvState):
     """N consecutive chunks of equal length L: k, v (B, N, L, C) -> out (B, N, L, C), state."""
     B, N, L, C = k.shape
     t = torch.arange(L, device=k.device, dtype=k.dtype)
-    lag = (t[:, None] - 1 - t[None, :])[..., None]  # (L, L, 1)
-    diag = torch.eye(L, dtype=torch.bool, device=k.device)[..., None]
-    future = (lag < -1).expand(L, L, 1)
+    lag = (t[:, None] - 1 - t[None, :])[..., None]  # (L, L, 1): t - 1 - i
+    # One additive term gives the current token its bonus (u instead of -w) and hides the future.
+    bonus = torch.where(lag == -1, u + w, torch.where(lag < -1, float("-inf"), 0.0))  # (L, L, C)
 
     # Within each chunk: output t sums tokens i <= t of the same chunk.
-    logw = torch.where(diag, (u + k)[:, :, None], lag * w + k[:, :, None])  # (B, N, L, L, C)
-    logw = logw.masked_fill(future, float("-inf"))
+    logw = (lag * w + bonus) + k[:, :, None]  # (B, N, L, L, C)
     # The stabiliser only rescales numerator and denominator alike: no gradient through it.
     p_in = logw.amax(dim=3).detach()  # (B, N, L, C)
     ew = torch.exp(logw - p_in[:, :, :, None])
     num_in = (ew * v[:, :, None]).sum(3)
     den_in = ew.sum(3)
 
-    # Each chunk's own contribution to the state at its end, then a scan over chunks.
+    # Each chunk's own contribution to the state at its end ...
     logs = (L - 1 - t)[:, None] * w + k  # (B, N, L, C)
     m_c = logs.amax(dim=2)  # (B, N, C)
     ec = torch.exp(logs - m_c[:, :, None])
     num_c, den_c = (ec * v).sum(2), ec.sum(2)
-    Lw = L * w
-    starts = []
-    num, den, mx = s
-    for n in range(N):
-        starts.append((num, den, mx))
-        decayed = mx + Lw
-        m = torch.maximum(decayed, m_c[:, n])
-        e1, e2 = torch.exp(decayed - m), torch.exp(m_c[:, n] - m)
-        num, den, mx = e1 * num + e2 * num_c[:, n], e1 * den + e2 * den_c[:, n], m
-    num0, den0, mx0 = (torch.stack(x, dim=1) for x in zip(*starts))  # (B, N, C) each
+    # ... and the state entering chunk n = 0..N (N: the final state), in closed form:
+    # chunk m < n contributes with log-weight (n - 1 - m) L w + m_c[m], the old state n L w + max.
+    n = torch.arange(N + 1, device=k.device, dtype=k.dtype)
+    chunk_lag = (n[:, None] - 1 - n[None, :N])[..., None]  # (N+1, N, 1)
+    log_c = torch.where(chunk_lag >= 0, chunk_lag * (L * w), float("-inf")) + m_c[:, None]  # (B, N+1, N, C)
+    log_0 = s.max[:, None] + n[:, None] * (L * w)  # (B, N+1, C)
+    m_enter = torch.maximum(log_c.amax(dim=2), log_0)
+    e_c, e_0 = torch.exp(log_c - m_enter[:, :, None]), torch.exp(log_0 - m_enter)
+    num_enter = e_0 * s.num[:, None] + (e_c * num_c[:, None]).sum(2)
+    den_enter = e_0 * s.den[:, None] + (e_c * den_c[:, None]).sum(2)
 
     # Combine: the state entering chunk n reaches its token t decayed by t steps.
-    log_state = mx0[:, :, None] + t[:, None] * w  # (B, N, L, C)
+    log_state = m_enter[:, :N, None] + t[:, None] * w  # (B, N, L, C)
     p = torch.maximum(p_in, log_state).detach()
     e_in, e_st = torch.exp(p_in - p), torch.exp(log_state - p)
-    out = (e_st * num0[:, :, None] + e_in * num_in) / (e_st * den0[:, :, None] + e_in * den_in)
-    return out, WkvState(num, den, mx)
+    out = (e_st * num_enter[:, :N, None] + e_in * num_in) / (e_st * den_enter[:, :N, None] + e_in * den_in)
+    return out, WkvState(num_enter[:, N], den_enter[:, N], m_enter[:, N])
 
 
 def wkv_chunked(
@@ -153,7 +153,9 @@ def wkv_chunked(
     s = _initial(state, k)
     B, T, C = k.shape
     L = min(chunk_len, T)
-    group = max(1, _MAX_WEIGHTS_PER_GROUP // (L * L * C))  # chunks per group
+    # Chunks per group N: within-chunk work is N L^2 C and the closed-form prefix N^2 C, so
+    # N = L^2 balances them; memory caps N too. Groups follow each other carrying the state.
+    group = max(1, min(max(4, L * L), _MAX_WEIGHTS_PER_GROUP // (L * L * C)))
     outs = []
     pos = 0
     while pos < T:

@@ -1,0 +1,215 @@
+"""Training: exact resume after SIGKILL, DDP equivalence, atomic checkpoints, init, bad input."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import rel_err
+from rwkvpy import RwkvpyError
+from rwkvpy.models import RWKV4Config, build_model
+from rwkvpy.models.rwkv4 import official_init
+from rwkvpy.train import TrainConfig, Trainer, lr_at
+
+TINY = dict(n_layer=2, n_embd=16, n_head=2, ctx_len=16, batch_size=4, max_iters=24, warmup_iters=4,
+            eval_interval=8, eval_windows=8, ckpt_interval=6, log_interval=3, lr=3e-3, min_lr=3e-4)
+TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+        "must be in want of a wife. ") * 40
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def read_log(out: Path) -> list[dict]:
+    with open(out / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: v for k, v in r.items() if k not in ("elapsed_s", "tokens_per_s")} for r in rows]
+
+
+def run(*args, env=None, check=True):
+    r = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
+    if check:
+        assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
+def train_cli(corpus, out, *extra, arch="rwkv4"):
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if not (arch == "rwkv4" and k == "n_head")]
+    return ["-m", "rwkvpy", "train", "--data", corpus, "--out", out, "--arch", arch, *flags, *extra]
+
+
+@pytest.mark.parametrize("arch", ["rwkv4", "gpt"])
+def test_sigkill_then_resume_reaches_the_same_losses(tmp_path, corpus, arch):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    run(*train_cli(corpus, full, arch=arch))
+    # A child that SIGKILLs itself in the middle of step 16 (after the checkpoint at 12).
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        from rwkvpy.train import Trainer
+        original = Trainer.train_step
+        def step(self):
+            if self.step == 15:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(self)
+        Trainer.train_step = step
+        from rwkvpy.cli import main
+        sys.exit(main({[str(a) for a in train_cli(corpus, killed, arch=arch)[2:]]!r}))
+    """)
+    r = run("-c", script, check=False)
+    assert r.returncode == -9
+    assert torch.load(killed / "ckpt.pt", weights_only=True)["step"] == 12
+    run(*train_cli(corpus, killed, "--resume", arch=arch))
+    assert read_log(killed) == read_log(full)
+    a = torch.load(full / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(killed / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ddp_two_processes_equal_one(tmp_path, corpus):
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(*train_cli(corpus, one, "--max-iters=8"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+        *train_cli(corpus, two, "--max-iters=8"), env=env)
+    a = torch.load(one / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(two / "ckpt.pt", weights_only=True)["model"]
+    for k in a:
+        assert rel_err(b[k], a[k]) < 1e-5, k
+    la, lb = read_log(one), read_log(two)
+    assert [r["step"] for r in la] == [r["step"] for r in lb]
+    for ra, rb in zip(la, lb):
+        for key in ("train_loss", "val_loss"):
+            if ra[key]:
+                assert abs(float(ra[key]) - float(rb[key])) < 1e-5
+
+
+def test_checkpoint_survives_a_crash_mid_write(tmp_path, corpus, monkeypatch):
+    cfg = TrainConfig(data=str(corpus), out_dir=str(tmp_path / "run"), **{**TINY, "max_iters": 6})
+    trainer = Trainer(cfg)
+    trainer.fit(progress=False)
+
+    def crashing_save(obj, f, *a, **k):
+        Path(f).write_bytes(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    trainer.step += 1
+    with pytest.raises(OSError):
+        trainer.save_checkpoint()
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 6
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["ckpt.pt", "config.json", "curves.png",
+                                                                     "log.csv", "model"]
+
+
+def test_outputs_and_the_trained_model_runs(tmp_path, corpus):
+    out = tmp_path / "run"
+    run(*train_cli(corpus, out, "--max-iters=8"))
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert read_log(out)[-1]["step"] == "8"
+    r = run("-m", "rwkvpy", "generate", "--model", out / "model", "It is", "--max-tokens", "10", "--seed", "1")
+    assert len(r.stdout) > 1
+    r = run("-m", "rwkvpy", "eval", "--model", out / "model", "--data", corpus, "--ctx-len", "16", "--json")
+    result = json.loads(r.stdout)
+    assert result["split"] == "val" and 0 < result["loss"] < 6 and result["tokens"] > 0
+
+
+def test_model_gradients_chunked_equal_reference(monkeypatch):
+    """The whole model in float64: gradients through the chunked WKV equal the O(T^2) form's."""
+    import rwkvpy.models.rwkv4 as rwkv4
+    from rwkvpy.ops.wkv import wkv_reference
+
+    cfg = RWKV4Config(vocab_size=40, n_embd=12, n_layer=2, dim_ffn=20)
+    sd = {k: v + 0.05 * torch.randn_like(v) for k, v in official_init(cfg, seed=1).items()}  # leave zero init
+    x = torch.randint(0, 40, (3, 23), generator=torch.Generator().manual_seed(0))
+
+    def grads():
+        model = build_model(cfg, sd, dtype=torch.float64).train()
+        logits, _ = model(x)
+        torch.nn.functional.cross_entropy(logits.reshape(-1, 40), x.roll(-1, 1).reshape(-1)).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    chunked = grads()
+    monkeypatch.setattr(rwkv4, "wkv_chunked", lambda w, u, k, v, s, chunk_len: wkv_reference(w, u, k, v, s))
+    reference = grads()
+    for name in chunked:
+        assert rel_err(chunked[name], reference[name]) < 1e-9, name
+
+
+def test_official_init_matches_transformers_recipe():
+    """HF's RwkvPreTrainedModel._init_weights implements the same time_decay / time_mix curves."""
+    from transformers import RwkvConfig, RwkvForCausalLM
+
+    from rwkvpy.checkpoint.hf import from_hf_name
+
+    hf = RwkvForCausalLM(RwkvConfig(vocab_size=50, hidden_size=24, num_hidden_layers=3, intermediate_size=96))
+    theirs = {from_hf_name(k): v for k, v in hf.state_dict().items()}
+    ours = official_init(RWKV4Config(vocab_size=50, n_embd=24, n_layer=3))
+    for key in ours:
+        if any(s in key for s in ("time_decay", "time_mix")):
+            assert torch.allclose(ours[key], theirs[key].float(), atol=1e-6), key
+    for key in ("blocks.1.att.key.weight", "blocks.1.att.output.weight", "blocks.2.ffn.value.weight"):
+        assert torch.count_nonzero(ours[key]) == 0
+    assert ours["emb.weight"].abs().max() <= 1e-4
+    assert torch.allclose(ours["blocks.0.att.time_first"][:3], torch.tensor([-1.2040, -0.7040, -1.7040]), atol=1e-4)
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(data="x", lr=1e-3, min_lr=1e-4, warmup_iters=100, max_iters=2000)
+    assert lr_at(0, cfg) == pytest.approx(1e-5) and lr_at(99, cfg) == pytest.approx(1e-3)
+    assert lr_at(1050, cfg) == pytest.approx(5.5e-4) and lr_at(2000, cfg) == pytest.approx(1e-4)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(100, 2000))
+
+
+def test_tokenized_data_is_cached_as_uint16(tmp_path, corpus):
+    import rwkv.rwkv_tokenizer
+
+    vocab = Path(rwkv.rwkv_tokenizer.__file__).parent / "rwkv_vocab_v20230424.txt"
+    cfg = TrainConfig(data=str(corpus), out_dir=str(tmp_path / "run"), tokenizer=str(vocab),
+                      **{**TINY, "max_iters": 2, "ctx_len": 8})
+    trainer = Trainer(cfg)
+    cache = corpus.with_name("corpus.txt.world.bin")
+    assert cache.is_file() and trainer.data.train.dtype.name == "uint16"
+    assert trainer.data.vocab_size == 65530 and trainer.n_params > 65530 * 16
+    stamp = cache.stat().st_mtime_ns
+    Trainer(cfg)
+    assert cache.stat().st_mtime_ns == stamp  # reused, not rebuilt
+
+
+@pytest.mark.parametrize("content,extra,pattern", [
+    (b"", [], "the data file is empty"),
+    (b"short", [], "fewer than ctx_len"),
+    (TEXT.encode(), ["--ctx-len=100000"], "fewer than ctx_len"),
+    (b"\xff\xfe not utf-8", ["--tokenizer=bytes-vocab"], "not UTF-8"),
+])
+def test_bad_data_is_one_line(tmp_path, content, extra, pattern):
+    import rwkv.rwkv_tokenizer
+
+    vocab = Path(rwkv.rwkv_tokenizer.__file__).parent / "rwkv_vocab_v20230424.txt"
+    data = tmp_path / "d.txt"
+    data.write_bytes(content)
+    extra = [e.replace("bytes-vocab", str(vocab)) for e in extra]
+    r = run("-m", "rwkvpy", "train", "--data", data, "--out", tmp_path / "o", *extra, check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and pattern in lines[0]
+
+
+def test_config_validation():
+    with pytest.raises(RwkvpyError, match="unknown arch"):
+        TrainConfig(data="x", arch="lstm")
+    with pytest.raises(RwkvpyError, match="not divisible by n_head"):
+        TrainConfig(data="x", arch="gpt", n_embd=30, n_head=4)
+    with pytest.raises(RwkvpyError, match="max_iters must be >= 1"):
+        replace(TrainConfig(data="x"), max_iters=0)
