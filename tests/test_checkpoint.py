@@ -293,3 +293,12 @@ def test_load_dtype_and_device_arguments(pth):
     assert model.blocks[0].att.time_first.dtype == torch.float32
     with pytest.raises(rwkvpy.RwkvpyError, match="unknown dtype 'int3'"):
         rwkvpy.load(pth, dtype="int3")
+
+
+def test_written_files_get_the_usual_permissions(tmp_path, sd):
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    write_pth(sd, tmp_path / "m.pth")
+    assert (tmp_path / "m.pth").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
 from .checkpoint import read_checkpoint
 from .errors import RwkvpyError
 from .models.rwkv4 import RWKV4, build_model
+
+DEFAULT_MODEL = Path(__file__).parent / "data" / "default"
+
+
+def default_model_path() -> Path:
+    """The small byte-level RWKV-4 trained on tinyshakespeare that ships with rwkvpy."""
+    if not (DEFAULT_MODEL / "model.safetensors").is_file():
+        raise RwkvpyError(f"{DEFAULT_MODEL}: the bundled default model is missing; pass --model")
+    return DEFAULT_MODEL
+
 
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,

@@ -258,6 +258,9 @@ class Trainer:
             if cfg.arch == "rwkv4":
                 self.model.save(self.out / "model")
         result.update(n_params=self.n_params, train_seconds=self.elapsed)
+        if self.world > 1:
+            torch.distributed.barrier()  # rank 0 may still be writing
+            torch.distributed.destroy_process_group()
         return result
 
     def save_checkpoint(self) -> None:
