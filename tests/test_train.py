@@ -125,6 +125,27 @@ def test_outputs_and_the_trained_model_runs(tmp_path, corpus):
     assert result["split"] == "val" and 0 < result["loss"] < 6 and result["tokens"] > 0
 
 
+@pytest.mark.parametrize("arch", ["rwkv4", "gpt"])
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, corpus, arch):
+    """Loss and gradients of one step (no clipping): linear in the batch, so they must agree.
+    (Weights after AdamW would not show a missing 1/grad_accum: Adam is scale-invariant.)"""
+    def one_step(batch, accum):
+        cfg = TrainConfig(data=str(corpus), out_dir=str(tmp_path / f"{batch}x{accum}"), arch=arch,
+                          **{**TINY, "batch_size": batch, "grad_accum": accum, "grad_clip": 0.0})
+        trainer = Trainer(cfg)
+        loss = trainer.train_step()
+        return loss, {n: p.grad for n, p in trainer.model.named_parameters()}
+
+    # The sampler draws the same windows either way: 2 x 4 draws are the first 8 of one stream.
+    g = torch.Generator().manual_seed(3)
+    halves = torch.cat([torch.randint(100, (4,), generator=g) for _ in range(2)])
+    assert torch.equal(torch.randint(100, (8,), generator=torch.Generator().manual_seed(3)), halves)
+    (loss_one, grads_one), (loss_acc, grads_acc) = one_step(8, 1), one_step(4, 2)
+    assert abs(loss_one - loss_acc) < 1e-6
+    for k in grads_one:
+        assert rel_err(grads_acc[k], grads_one[k]) < 1e-5, k
+
+
 def test_model_gradients_chunked_equal_reference(monkeypatch):
     """The whole model in float64: gradients through the chunked WKV equal the O(T^2) form's."""
     import rwkvpy.models.rwkv4 as rwkv4

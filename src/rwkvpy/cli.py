@@ -117,13 +117,12 @@ def load_model_and_tokenizer(args):
     return model, tokenizer_for_model(model.config.vocab_size, args.tokenizer, args.model)
 
 
-def sampling_from(args, **overrides) -> SamplingParams:
+def sampling_from(args) -> SamplingParams:
     return SamplingParams(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
         penalty_decay=args.penalty_decay, banned_tokens=tuple(args.ban), stop_tokens=tuple(args.stop_token),
         stop_strings=tuple(unescape(s) for s in args.stop), max_new_tokens=args.max_tokens, seed=args.seed,
-        **overrides,
     )
 
 

@@ -110,7 +110,10 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
 
 
 class _L2Wrap(torch.autograd.Function):
-    """The official RWKV loss wrapper: a tiny gradient pulling each position's top logit to 0."""
+    """The official RWKV loss wrapper: a tiny gradient pulling each position's top logit to 0.
+
+    Scaled by the incoming gradient (1 in the official code), so that dividing the loss for
+    gradient accumulation scales this term alike."""
 
     @staticmethod
     def forward(ctx, loss, logits):
@@ -122,7 +125,7 @@ class _L2Wrap(torch.autograd.Function):
         (logits,) = ctx.saved_tensors
         factor = 1e-4 / (logits.shape[0] * logits.shape[1])
         top, ids = logits.max(-1, keepdim=True)
-        g = torch.zeros_like(logits).scatter_(-1, ids, top * factor)
+        g = torch.zeros_like(logits).scatter_(-1, ids, top * factor * grad)
         return grad, g
 
 
