@@ -1,4 +1,8 @@
 import os
+from pathlib import Path
+
+# Shared corpora and tokenizer files: ../shared/data beside the project, or RWKVPY_SHARED_DATA.
+SHARED_DATA = Path(os.environ.get("RWKVPY_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 # The official package reads these at import time: plain PyTorch, no JIT, no CUDA build.
 os.environ.setdefault("RWKV_JIT_ON", "0")

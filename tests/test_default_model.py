@@ -4,8 +4,6 @@ The expected validation loss is the figure `experiments/bundle_default.py` print
 bundled (fp16) file when it was made, recorded in docs/experiments.md.
 """
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -14,7 +12,9 @@ from rwkvpy.loading import default_model_path
 from rwkvpy.tokenizers import ByteTokenizer
 from rwkvpy.train.evaluate import evaluate_file
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+from conftest import SHARED_DATA  # noqa: E402
+
+SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
 RECORDED_VAL_LOSS = 1.4671  # bundled (fp16), windows of 128 over the last 10%, 2026-11-22
 
 
@@ -27,7 +27,7 @@ def test_bundled_model_loads_and_generates():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SHAKESPEARE.exists(), reason="../shared/data/tinyshakespeare.txt is not beside the project")
+@pytest.mark.skipif(not SHAKESPEARE.exists(), reason="no tinyshakespeare.txt in ../shared/data or $RWKVPY_SHARED_DATA")
 def test_bundled_model_keeps_its_recorded_validation_loss():
     with torch.no_grad():
         r = evaluate_file(rwkvpy.load(default_model_path()), SHAKESPEARE, ctx_len=128)

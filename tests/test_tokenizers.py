@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from rwkvpy import RwkvpyError
 from rwkvpy.tokenizers import ByteTokenizer, load_tokenizer, tokenizer_for_model
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data beside the project
+from conftest import SHARED_DATA as DATA  # noqa: E402
 NEOX = DATA / "20B_tokenizer.json"
 WORLD_VOCAB = DATA / "rwkv_vocab_v20230424.txt"
 if not WORLD_VOCAB.exists():  # the official package ships the same file
@@ -18,7 +18,7 @@ if not WORLD_VOCAB.exists():  # the official package ships the same file
 
     WORLD_VOCAB = Path(rwkv.rwkv_tokenizer.__file__).parent / "rwkv_vocab_v20230424.txt"
 needs_data = pytest.mark.skipif(not NEOX.exists() or not (DATA / "tinyshakespeare.txt").exists(),
-                                reason="../shared/data (20B tokenizer, corpus) is not beside the project")
+                                reason="no 20B tokenizer / corpus in ../shared/data or $RWKVPY_SHARED_DATA")
 
 # Arbitrary Unicode (no surrogates), weighted towards the hard parts: emoji, control
 # characters, CJK, combining marks, whitespace runs, and long repeats that hit long tokens.

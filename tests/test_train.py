@@ -146,6 +146,18 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, corpus, arch):
         assert rel_err(grads_acc[k], grads_one[k]) < 1e-5, k
 
 
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path, corpus):
+    def losses(compile_):
+        cfg = TrainConfig(data=str(corpus), out_dir=str(tmp_path / str(compile_)), compile=compile_,
+                          **{**TINY, "n_layer": 1})
+        trainer = Trainer(cfg)
+        return [trainer.train_step() for _ in range(3)]
+
+    eager, compiled = losses(False), losses(True)
+    assert all(abs(a - b) < 1e-4 for a, b in zip(eager, compiled)), (eager, compiled)
+
+
 def test_model_gradients_chunked_equal_reference(monkeypatch):
     """The whole model in float64: gradients through the chunked WKV equal the O(T^2) form's."""
     import rwkvpy.models.rwkv4 as rwkv4

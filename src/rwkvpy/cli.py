@@ -308,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--" + name.replace("_", "-"), type=float, dest=name,
                        help=f"default {getattr(defaults, name)}")
     t.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast")
+    t.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the model: about a minute to start, faster RWKV-4 steps on CPU")
     t.add_argument("--device", help="cpu (default) or cuda")
     t.set_defaults(func=cmd_train)
 

@@ -62,6 +62,7 @@ class TrainConfig:
     log_interval: int = 10
     val_fraction: float = 0.1
     bf16: bool = False
+    compile: bool = False  # torch.compile the model (slow start, faster RWKV-4 steps on CPU)
     seed: int = 1337
     device: str = "cpu"
 
@@ -165,6 +166,8 @@ class Trainer:
         self.ddp = self.model
         if self.world > 1:
             self.ddp = nn.parallel.DistributedDataParallel(self.model)
+        if cfg.compile:
+            self.ddp = torch.compile(self.ddp)
         self.elapsed = state["elapsed_s"] if state else 0.0
         self.val_x, self.val_y = windows(self.data.val, eval_starts(len(self.data.val), cfg.ctx_len,
                                                                    cfg.eval_windows), cfg.ctx_len)
