@@ -1,6 +1,6 @@
 """Training speed on this machine: rwkvpy RWKV-4 vs the GPT baseline vs Hugging Face, same run.
 
-    python benchmarks/bench_train.py [--steps 10]
+    python benchmarks/bench_train.py [--steps 10] [--compile]
 
 Two sizes, byte vocabulary: nanoGPT's CPU setting (4 x 128, context 64, batch 12) and
 6 x 512 (context 256, batch 8). One step = forward, backward and an AdamW update on a
@@ -53,13 +53,15 @@ def step_rate(model, forward, batch, ctx, steps: int) -> float:
     return batch * ctx / statistics.median(times)
 
 
-def models(size: dict):
+def models(size: dict, compile_ours: bool):
     L, C, ctx = size["n_layer"], size["n_embd"], size["ctx"]
     from transformers import GPT2Config, GPT2LMHeadModel, RwkvConfig, RwkvForCausalLM
 
     cfg = RWKV4Config(vocab_size=V, n_embd=C, n_layer=L, dim_ffn=int(3.5 * C))
-    yield "rwkvpy RWKV-4", build_model(cfg, official_init(cfg)).train(), lambda m, x: m(x)[0]
-    yield "rwkvpy GPT", GPT(GPTConfig(V, L, max(1, C // 64), C, ctx)).train(), lambda m, x: m(x)[0]
+    for label, model in (("rwkvpy RWKV-4", build_model(cfg, official_init(cfg)).train()),
+                         ("rwkvpy GPT", GPT(GPTConfig(V, L, max(1, C // 64), C, ctx)).train())):
+        run = torch.compile(model) if compile_ours else model
+        yield label, model, lambda m, x, run=run: run(x)[0]
     hf = RwkvForCausalLM(RwkvConfig(vocab_size=V, hidden_size=C, num_hidden_layers=L,
                                     intermediate_size=int(3.5 * C), context_length=ctx)).train()
     yield "HF RwkvForCausalLM", hf, lambda m, x: m(x, use_cache=False).logits
@@ -72,14 +74,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--sizes", default=",".join(SIZES))
+    ap.add_argument("--compile", action="store_true", help="torch.compile rwkvpy's models (as train --compile)")
     args = ap.parse_args()
     gflops = gemm_gflops()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 GEMM {gflops:.0f} GFLOP/s")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 GEMM {gflops:.0f} GFLOP/s"
+          f"{', rwkvpy models compiled' if args.compile else ''}")
     for name in args.sizes.split(","):
         size = SIZES[name]
         print(f"\n## {name}: {size}")
         rates = {}
-        for label, model, forward in models(size):
+        for label, model, forward in models(size, args.compile):
             n = sum(p.numel() for p in model.parameters())
             rate = step_rate(model, forward, size["batch"], size["ctx"], args.steps)
             floor = gflops * 1e9 / (6 * n)

@@ -116,8 +116,10 @@ class RWKV4(nn.Module):
 
     def zero_state(self, batch_size: int = 1) -> RWKV4State:
         c = self.config
+        # Compiled code (training) never saves states; hashing weights there would break the graph.
+        model_id = "" if torch.compiler.is_compiling() else self.fingerprint
         return RWKV4State.zeros(c.n_layer, batch_size, c.n_embd, c.dim_att, device=self.device,
-                                model_id=self.fingerprint)
+                                model_id=model_id)
 
     @property
     def fingerprint(self) -> str:
@@ -179,6 +181,8 @@ class RWKV4(nn.Module):
             raise RwkvpyError(f"tokens must have shape (B, T) with T >= 1, got {tuple(tokens.shape)}")
         if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise RwkvpyError(f"tokens must be integers, got {tokens.dtype}")
+        if torch.compiler.is_compiling():  # reading values would break the graph; inputs come from code
+            return tokens.long()
         lo, hi = int(tokens.min()), int(tokens.max())
         if lo < 0 or hi >= self.config.vocab_size:
             bad = lo if lo < 0 else hi
