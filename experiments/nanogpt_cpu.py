@@ -42,7 +42,7 @@ def main():
                           dim_ffn=448 if arch == "rwkv4" else None, **SETTING)
         trainer = Trainer(cfg)
         r = trainer.fit()
-        logs[arch] = trainer._read_log()
+        logs[arch] = trainer.read_log()
         tokens = cfg.max_iters * cfg.batch_size * cfg.ctx_len
         results[arch] = {"params": r["n_params"], "val_loss": r["val_loss"], "val_bpb": r["val_bpb"],
                          "train_seconds": r["train_seconds"], "tokens_per_s": tokens / r["train_seconds"]}

@@ -255,12 +255,13 @@ class Trainer:
                 bar.write(f"step {self.step}: val loss {val:.4f} nats/token, {row['val_bpb']:.4f} bits/byte")
             if row and self.rank == 0:
                 self._log(row)
+                if "val_loss" in row:
+                    self.plot()  # the curves so far, for watching a long run
             if self.step % cfg.ckpt_interval == 0 or self.step == cfg.max_iters:
                 self.save_checkpoint()
             bar.update(1)
         bar.close()
         if self.rank == 0:
-            self.plot()
             if cfg.arch == "rwkv4":
                 self.model.save(self.out / "model")
         result.update(n_params=self.n_params, train_seconds=self.elapsed)
@@ -283,7 +284,7 @@ class Trainer:
     def log_path(self) -> Path:
         return self.out / "log.csv"
 
-    def _read_log(self) -> list[dict]:
+    def read_log(self) -> list[dict]:
         if not self.log_path.is_file():
             return []
         with open(self.log_path, newline="") as f:
@@ -291,7 +292,7 @@ class Trainer:
 
     def _truncate_log(self) -> None:
         """Rows written after the checkpoint being resumed from would be written again."""
-        rows = [r for r in self._read_log() if int(r["step"]) <= self.step]
+        rows = [r for r in self.read_log() if int(r["step"]) <= self.step]
         self._write_log(rows)
 
     def _write_log(self, rows: list[dict]) -> None:
@@ -308,7 +309,7 @@ class Trainer:
             csv.DictWriter(f, fieldnames=LOG_FIELDS).writerow({k: row.get(k, "") for k in LOG_FIELDS})
 
     def plot(self) -> None:
-        plot_curves({self.cfg.arch: self._read_log()}, self.out / "curves.png",
+        plot_curves({self.cfg.arch: self.read_log()}, self.out / "curves.png",
                     title=f"{self.cfg.arch}, {self.n_params:,} parameters")
         atomic_write_text(self.out / "config.json", _json(asdict(self.cfg)))
 
