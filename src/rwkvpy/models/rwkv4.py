@@ -28,9 +28,10 @@ from ..ops.wkv import WkvState, wkv_chunked, wkv_step
 from .config import RWKV4Config
 from .state import RWKV4State
 
-# Chunk length of the parallel WKV by device, as measured (docs/benchmarks.md): intra-chunk
-# work grows as chunk_len^2 and the scan's op count as 1/chunk_len. On a CPU the arithmetic
-# dominates (4 was fastest for prefill and for training shapes); on a GPU kernel launches do.
+# Chunk length of the parallel WKV by device, as measured (docs/benchmarks.md): work within
+# chunks grows with chunk_len, the number of chunk groups (and so of small ops) shrinks with it.
+# On a CPU the arithmetic dominates (4 was fastest for prefill and for training shapes); on a
+# GPU kernel launches do.
 CHUNK_LEN_CPU = 4
 CHUNK_LEN_ACCELERATOR = 64
 _FP32_KEYS = ("att.time_decay", "att.time_first")
@@ -271,7 +272,9 @@ def official_init(cfg: RWKV4Config, seed: int = 0) -> dict[str, Tensor]:
     g = torch.Generator().manual_seed(seed)
     C, A, L = cfg.n_embd, cfg.dim_att, cfg.n_layer
     sd = {}
-    for key, shape in _shapes(cfg).items():
+    from ..checkpoint.keys import expected_shapes  # deferred: checkpoint imports models
+
+    for key, shape in expected_shapes(cfg).items():
         if key.endswith(("ln0.weight", "ln1.weight", "ln2.weight", "ln_out.weight")):
             sd[key] = torch.ones(shape)
         elif key.endswith(".bias"):
@@ -304,12 +307,6 @@ def official_init(cfg: RWKV4Config, seed: int = 0) -> dict[str, Tensor]:
 
 _ZERO_INIT = ("att.key.weight", "att.receptance.weight", "att.output.weight", "ffn.value.weight",
               "ffn.receptance.weight")
-
-
-def _shapes(cfg: RWKV4Config) -> dict[str, tuple[int, ...]]:
-    from ..checkpoint.keys import expected_shapes
-
-    return expected_shapes(cfg)
 
 
 def _orthogonal(shape, gain: float, g: torch.Generator) -> Tensor:
