@@ -13,6 +13,18 @@ from .data import load_data
 
 
 @torch.no_grad()
+def summed_loss(model, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+    """Sum of next-token losses (nats) over windows x -> y, a batch of windows at a time."""
+    device = next(model.parameters()).device
+    total = 0.0
+    for i in range(0, len(x), batch_size):
+        logits, _ = model(x[i : i + batch_size].to(device))
+        total += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                 y[i : i + batch_size].reshape(-1).to(device), reduction="sum").item()
+    return total
+
+
+@torch.no_grad()
 def evaluate_file(model, path, tokenizer=None, ctx_len: int = 64, val_fraction: float = 0.1,
                   split: str = "val", batch_size: int = 32) -> dict:
     """Mean next-token loss over consecutive, non-overlapping windows of ``ctx_len`` tokens,
@@ -25,11 +37,7 @@ def evaluate_file(model, path, tokenizer=None, ctx_len: int = 64, val_fraction: 
     rows = np.asarray(tokens[: n_windows * ctx_len + 1], dtype=np.int64)
     x = torch.from_numpy(rows[:-1].reshape(n_windows, ctx_len))
     y = torch.from_numpy(rows[1:].reshape(n_windows, ctx_len))
-    total = 0.0
-    for i in range(0, n_windows, batch_size):
-        logits, _ = model(x[i : i + batch_size].to(model.device))
-        total += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                 y[i : i + batch_size].reshape(-1).to(model.device), reduction="sum").item()
+    total = summed_loss(model, x, y, batch_size)
     n = n_windows * ctx_len
     loss = total / n
     if tokenizer is None:

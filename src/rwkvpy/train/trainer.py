@@ -30,6 +30,7 @@ from ..models.gpt import GPT, GPTConfig
 from ..models.rwkv4 import build_model, official_init
 from ..tokenizers import load_tokenizer
 from .data import TokenData, WindowSampler, eval_starts, load_data, windows
+from .evaluate import summed_loss
 
 ARCHS = ("rwkv4", "gpt")
 LOG_FIELDS = ["step", "tokens", "lr", "train_loss", "val_loss", "val_bpb", "elapsed_s", "tokens_per_s"]
@@ -213,14 +214,10 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean loss (nats per token) over the fixed validation windows."""
         self.model.eval()
-        losses = []
-        for i in range(0, len(self.val_x), self.cfg.batch_size):
-            x = self.val_x[i : i + self.cfg.batch_size].to(self.cfg.device)
-            y = self.val_y[i : i + self.cfg.batch_size].to(self.cfg.device)
-            with self._autocast():
-                losses.append(lm_loss(self.model, x, y, self.cfg.arch).item() * len(x))
+        with self._autocast():
+            total = summed_loss(self.model, self.val_x, self.val_y, self.cfg.batch_size)
         self.model.train()
-        return sum(losses) / len(self.val_x)
+        return total / self.val_y.numel()
 
     def bits_per_byte(self, loss: float) -> float:
         return loss / math.log(2) / self.data.bytes_per_val_token
