@@ -109,6 +109,7 @@ class Generation:
         stops = StopStringFilter(p.stop_strings)
         stop_tokens = set(p.stop_tokens)
         self.finish_reason = "length"
+        penalised = p.presence_penalty != 0 or p.frequency_penalty != 0  # else skip O(V) work per token
         for _ in range(p.max_new_tokens):
             scores = ban_tokens(logits, p.banned_tokens)
             scores = apply_penalties(scores, penalties, p.presence_penalty, p.frequency_penalty)
@@ -117,7 +118,8 @@ class Generation:
                 self.finish_reason, self.stop_token = "stop_token", token
                 break
             self.tokens.append(token)
-            penalties.add(token, p.penalty_decay)
+            if penalised:
+                penalties.add(token, p.penalty_decay)
             step_logits, self.state = model.step(torch.tensor([token], device=model.device), self.state)
             logits = step_logits[0]
             piece, stopped = stops.push(utf8.decode(tok.decode_bytes([token])))
