@@ -60,6 +60,84 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _nbytes(sd) -> int:
+    return sum(t.numel() * t.element_size() for t in sd.values())
+
+
+@torch.no_grad()
+def cmd_quantize(args) -> int:
+    from .checkpoint.native import save_native
+    from .models.config import is_quantized
+    from .models.rwkv4 import quantize_state_dict
+    from .tokenizers import find_tokenizer_file
+
+    src, dst = Path(args.src), Path(args.dst)
+    if dst.exists() and not args.overwrite:
+        raise RwkvpyError(f"{dst}: already exists (pass --overwrite to replace it)")
+    cfg, sd, fmt = read_checkpoint(src)
+    if is_quantized(sd):
+        raise RwkvpyError(f"{src}: already quantized to int8")
+    qsd = quantize_state_dict(sd)
+    print(f"read {src} ({fmt}): {_describe(cfg, sd)}")
+    print(f"int8 projections with one scale per output row: {_nbytes(sd) / 2**20:,.1f} MiB -> "
+          f"{_nbytes(qsd) / 2**20:,.1f} MiB")
+    ref, quant = build_model(cfg, sd), build_model(cfg, qsd)
+
+    tokens = probe_tokens(cfg.vocab_size, 64)
+    lr, lq = ref(tokens)[0][0], quant(tokens)[0][0]
+    kl = torch.sum(lr.log_softmax(-1).exp() * (lr.log_softmax(-1) - lq.log_softmax(-1)), -1).mean().item()
+    agree = (lr.argmax(-1) == lq.argmax(-1)).float().mean().item()
+    print(f"probe ({tokens.shape[1]} tokens): max |logit difference| {(lr - lq).abs().max().item():.3g}, "
+          f"mean KL(fp32 || int8) {kl:.3g} nats, top-1 agreement {agree:.1%}")
+    if args.data:
+        from .train.evaluate import evaluate_file
+
+        tokenizer = None
+        if cfg.vocab_size != 256 or args.tokenizer:
+            tokenizer = tokenizer_for_model(cfg.vocab_size, args.tokenizer, src)
+        losses = [evaluate_file(m, args.data, tokenizer, ctx_len=args.ctx_len)["loss"] for m in (ref, quant)]
+        change = (losses[1] - losses[0]) / losses[0]
+        print(f"validation loss on {args.data}: fp32 {losses[0]:.4f}, int8 {losses[1]:.4f} nats/token "
+              f"({change:+.2%})")
+        if change > args.max_loss_increase / 100 and not args.force:
+            raise RwkvpyError(f"int8 raises the validation loss by {change:.2%}, more than "
+                              f"--max-loss-increase {args.max_loss_increase}%; nothing written (--force writes it)")
+    save_native(cfg, qsd, dst)
+    tok = find_tokenizer_file(src) if src.is_dir() else None
+    if tok is not None:
+        from .io import atomic_write
+
+        atomic_write(dst / tok.name, lambda tmp: Path(tmp).write_bytes(tok.read_bytes()))
+    _, back, _ = read_checkpoint(dst)
+    if not all(torch.equal(back[k], qsd[k]) for k in qsd):
+        raise RwkvpyError(f"{dst}: tensors read back differ from those written")
+    print(f"wrote {dst} (rwkvpy format, int8){'; copied ' + tok.name if tok else ''}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from . import bench
+
+    def ints(text, name):
+        try:
+            return tuple(int(v) for v in text.split(","))
+        except ValueError:
+            raise RwkvpyError(f"--{name}: expected comma-separated integers, got {text!r}") from None
+
+    kinds = tuple(args.kinds.split(","))
+    unknown = [k for k in kinds if k not in bench.KINDS]
+    if unknown:
+        raise RwkvpyError(f"--kinds: unknown {unknown[0]!r}; choose from {', '.join(bench.KINDS)}")
+    path = args.model or default_model_path()
+    read_checkpoint(path)  # a bad path fails here, in one line
+    result = bench.run(path, kinds=kinds, batches=ints(args.batches, "batches"), prompt=args.prompt,
+                       decode_tokens=args.decode_tokens, repeats=args.repeats, peers=not args.no_peers,
+                       long_context=args.long_context)
+    if args.json:
+        bench.write_json(result, args.json)
+    return 0
+
+
 def cmd_info(args) -> int:
     cfg, sd, fmt = read_checkpoint(args.model)
     print(f"{args.model}: {fmt}")
@@ -113,7 +191,7 @@ def unescape(text: str) -> str:
 def load_model_and_tokenizer(args):
     if args.model is None:
         args.model = default_model_path()
-    model = load(args.model, dtype=args.dtype)
+    model = load(args.model, dtype=args.dtype, quantize="int8" if args.int8 else None)
     return model, tokenizer_for_model(model.config.vocab_size, args.tokenizer, args.model)
 
 
@@ -220,7 +298,7 @@ def cmd_eval(args) -> int:
 
     if args.model is None:
         args.model = default_model_path()
-    model, tokenizer = load(args.model, dtype=args.dtype), None
+    model, tokenizer = load(args.model, dtype=args.dtype, quantize="int8" if args.int8 else None), None
     if model.config.vocab_size != 256 or args.tokenizer:
         tokenizer = tokenizer_for_model(model.config.vocab_size, args.tokenizer, args.model)
     r = evaluate_file(model, args.data, tokenizer, ctx_len=args.ctx_len, val_fraction=args.val_fraction,
@@ -250,6 +328,32 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     c.set_defaults(func=cmd_convert)
 
+    qz = sub.add_parser("quantize", help="write an int8 copy of a checkpoint, with a quality report")
+    qz.add_argument("src", help="checkpoint: .pth, Hugging Face folder or rwkvpy format")
+    qz.add_argument("dst", help="output folder (rwkvpy format)")
+    qz.add_argument("--int8", action="store_true", required=True, help="weight-only int8, per-row scales")
+    qz.add_argument("--data", help="text file: compare validation loss (last 10%%) before and after")
+    qz.add_argument("--tokenizer", help="for --data (default: the model folder's, else by vocabulary)")
+    qz.add_argument("--ctx-len", type=int, default=128, help="evaluation window (default 128)")
+    qz.add_argument("--max-loss-increase", type=float, default=1.0, metavar="PERCENT",
+                    help="refuse to write if the loss rises more than this (default 1%%)")
+    qz.add_argument("--force", action="store_true", help="write even past --max-loss-increase")
+    qz.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    qz.set_defaults(func=cmd_quantize)
+
+    b = sub.add_parser("bench", help="decode/prefill speed, memory and bandwidth floor, with peers")
+    b.add_argument("--model", help="default: the bundled model")
+    b.add_argument("--kinds", default="fp32,bf16,int8", help="weight storages to measure (fp32,bf16,fp16,int8)")
+    b.add_argument("--batches", default="1,16,64", help="decode batch sizes (default 1,16,64)")
+    b.add_argument("--prompt", type=int, default=1024, help="prefill length (default 1024)")
+    b.add_argument("--decode-tokens", type=int, default=16, help="tokens per decode measurement")
+    b.add_argument("--repeats", type=int, default=5, help="rounds; medians are reported")
+    b.add_argument("--no-peers", action="store_true", help="skip the official rwkv package and transformers")
+    b.add_argument("--long-context", type=int, default=0, metavar="N",
+                   help="also compare RSS while decoding after N tokens of context with after 1000")
+    b.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    b.set_defaults(func=cmd_bench)
+
     i = sub.add_parser("info", help="print a checkpoint's format, shapes and size")
     i.add_argument("model")
     i.set_defaults(func=cmd_info)
@@ -259,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "tinyshakespeare model)")
         q.add_argument("--tokenizer", help="tokenizer.json, World vocab .txt, or 'bytes' (default: "
                        "the model folder's, else implied by the vocabulary size)")
-        q.add_argument("--dtype", default="fp32", help="fp32 (default), bf16, fp16")
+        q.add_argument("--dtype", default="fp32", help="how matrices are stored: fp32 (default), bf16, fp16")
+        q.add_argument("--int8", action="store_true", help="quantize projections to int8 on load")
 
     def sampling_args(q, temperature, top_p, max_tokens):
         q.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
@@ -318,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True)
     e.add_argument("--tokenizer")
     e.add_argument("--dtype", default="fp32")
+    e.add_argument("--int8", action="store_true", help="quantize projections to int8 on load")
     e.add_argument("--ctx-len", type=int, default=64, help="window length (state reset per window)")
     e.add_argument("--split", choices=["val", "all"], default="val")
     e.add_argument("--val-fraction", type=float, default=0.1)

@@ -41,11 +41,14 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu",
-         dtype: torch.dtype | str = torch.float32) -> RWKV4:
+         dtype: torch.dtype | str = torch.float32, quantize: str | None = None) -> RWKV4:
     """Load an RWKV-4 model from an official ``.pth``, a Hugging Face folder or rwkvpy's format.
 
-    The format is detected from the path; shapes come from the tensors. Raises
-    ``CheckpointError`` (one line naming the file, key and shapes) on anything unusable.
+    The format is detected from the path; shapes come from the tensors, which are memory
+    mapped, so loading in the checkpoint's own dtype copies nothing. ``dtype`` is how the
+    matrices are stored (activations are fp32); ``quantize="int8"`` stores the projections
+    as int8 with per-row scales. Raises ``CheckpointError`` (one line naming the file, key
+    and shapes) on anything unusable.
     """
     cfg, sd, _ = read_checkpoint(path)
-    return build_model(cfg, sd, dtype=parse_dtype(dtype), device=device)
+    return build_model(cfg, sd, dtype=parse_dtype(dtype), device=device, quantize=quantize)

@@ -15,7 +15,7 @@ from pathlib import Path
 from torch import Tensor
 
 from ..errors import CheckpointError
-from ..models.config import RWKV4Config
+from ..models.config import RWKV4Config, is_quantized
 from .hf import hf_layer_norm_eps, is_hf_folder, read_hf, write_hf
 from .keys import detect_other_version, infer_config, validate
 from .native import is_native_folder, read_native, save_native
@@ -64,6 +64,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[RWKV4Config, dict[str, Ten
 
 
 def write_checkpoint(cfg: RWKV4Config, sd: dict[str, Tensor], path, fmt: str) -> None:
+    if fmt != "native" and is_quantized(sd):
+        raise CheckpointError(f"{path}: int8 checkpoints exist only in rwkvpy's format (--to native)")
     if fmt == "native":
         save_native(cfg, sd, path)
     elif fmt == "hf":

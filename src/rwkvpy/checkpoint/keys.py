@@ -9,10 +9,11 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor
 
 from ..errors import CheckpointError
-from ..models.config import RWKV4Config
+from ..models.config import PROJECTIONS, SCALE_SUFFIX, RWKV4Config, is_quantized
 
 # Key fragments that identify other RWKV generations (checked before anything else, so the
 # message names the real problem instead of a list of missing keys).
@@ -91,9 +92,14 @@ def validate(sd: Mapping[str, Tensor], cfg: RWKV4Config, source: str) -> dict[st
     """Check keys, shapes and dtypes; return the tensors in official order and shapes.
 
     Per-channel vectors stored with extra unit dimensions (``time_decay`` as (1, A), say)
-    are reshaped to the official shape; the values are untouched.
+    are reshaped to the official shape; the values are untouched. An int8 checkpoint has
+    int8 projections, each with its per-row scales under ``<key>_scale``.
     """
     shapes = expected_shapes(cfg)
+    quantized = is_quantized(sd)
+    if quantized:
+        for key in [k for k in shapes if k.endswith(PROJECTIONS)]:
+            shapes[key + SCALE_SUFFIX] = shapes[key][:1]
     for key, value in sd.items():
         if not isinstance(value, Tensor):
             raise CheckpointError(f"{source}: key {key!r} holds a {type(value).__name__}, not a tensor")
@@ -111,7 +117,11 @@ def validate(sd: Mapping[str, Tensor], cfg: RWKV4Config, source: str) -> dict[st
     out = {}
     for key, shape in shapes.items():
         t = sd[key]
-        if not t.is_floating_point():
+        if quantized and key.endswith(PROJECTIONS):
+            if t.dtype != torch.int8:
+                raise CheckpointError(f"{source}: key {key!r} has dtype {t.dtype}, expected int8 "
+                                      f"(the checkpoint has {key + SCALE_SUFFIX!r})")
+        elif not t.is_floating_point():
             raise CheckpointError(f"{source}: key {key!r} has dtype {t.dtype}, expected floating point")
         if _shape(t) != shape:
             squeezable = len(shape) <= 3 and t.numel() == shape[-1] and max(shape) == t.numel()

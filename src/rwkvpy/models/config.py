@@ -7,6 +7,16 @@ from typing import Any
 
 from ..errors import CheckpointError
 
+# The matrices that multiply activations (official key suffixes): what int8 quantizes.
+PROJECTIONS = ("att.key.weight", "att.value.weight", "att.receptance.weight", "att.output.weight",
+               "ffn.key.weight", "ffn.receptance.weight", "ffn.value.weight", "head.weight")
+SCALE_SUFFIX = "_scale"  # an int8 projection "P" stores its per-row scales under "P_scale"
+
+
+def is_quantized(sd) -> bool:
+    """Whether a state dict holds int8 projections (written by ``rwkvpy quantize``)."""
+    return any(k.endswith(SCALE_SUFFIX) for k in sd)
+
 
 @dataclass(frozen=True)
 class RWKV4Config:

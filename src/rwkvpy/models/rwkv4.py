@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import RwkvpyError
+from ..ops.linear import Int8Linear, Linear, quantize_int8
 from ..ops.shift import time_mix, token_shift
 from ..ops.wkv import WkvState, wkv_chunked, wkv_step
-from .config import RWKV4Config
+from .config import PROJECTIONS, SCALE_SUFFIX, RWKV4Config, is_quantized
 from .state import RWKV4State
 
 # Chunk length of the parallel WKV by device, as measured (docs/benchmarks.md): work within
@@ -34,7 +35,7 @@ from .state import RWKV4State
 # GPU kernel launches do.
 CHUNK_LEN_CPU = 4
 CHUNK_LEN_ACCELERATOR = 64
-_FP32_KEYS = ("att.time_decay", "att.time_first")
+QUANTIZATIONS = (None, "int8")
 
 
 class TimeMix(nn.Module):
@@ -46,16 +47,15 @@ class TimeMix(nn.Module):
         self.time_mix_k = nn.Parameter(torch.zeros(1, 1, C))
         self.time_mix_v = nn.Parameter(torch.zeros(1, 1, C))
         self.time_mix_r = nn.Parameter(torch.zeros(1, 1, C))
-        self.key = nn.Linear(C, A, bias=False)
-        self.value = nn.Linear(C, A, bias=False)
-        self.receptance = nn.Linear(C, A, bias=False)
-        self.output = nn.Linear(A, C, bias=False)
+        self.key = Linear(C, A)
+        self.value = Linear(C, A)
+        self.receptance = Linear(C, A)
+        self.output = Linear(A, C)
 
     def forward(self, xx: Tensor, last_x: Tensor, s: WkvState, chunk_len: int):
         shifted = token_shift(xx, last_x)
-        k = self.key(time_mix(xx, shifted, self.time_mix_k))
-        v = self.value(time_mix(xx, shifted, self.time_mix_v))
-        r = torch.sigmoid(self.receptance(time_mix(xx, shifted, self.time_mix_r)))
+        xk, xv, xr = time_mix(xx, shifted, self.time_mix_k, self.time_mix_v, self.time_mix_r)
+        k, v, r = self.key(xk), self.value(xv), torch.sigmoid(self.receptance(xr))
         # The WKV sums run in fp32 at least: exp(k) and the state overflow half precision.
         acc = torch.promote_types(k.dtype, torch.float32)
         w = -torch.exp(self.time_decay.to(acc))
@@ -72,14 +72,15 @@ class ChannelMix(nn.Module):
         C, F_ = cfg.n_embd, cfg.dim_ffn
         self.time_mix_k = nn.Parameter(torch.zeros(1, 1, C))
         self.time_mix_r = nn.Parameter(torch.zeros(1, 1, C))
-        self.key = nn.Linear(C, F_, bias=False)
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(F_, C, bias=False)
+        self.key = Linear(C, F_)
+        self.receptance = Linear(C, C)
+        self.value = Linear(F_, C)
 
     def forward(self, xx: Tensor, last_x: Tensor):
         shifted = token_shift(xx, last_x)
-        k = torch.square(torch.relu(self.key(time_mix(xx, shifted, self.time_mix_k))))
-        r = torch.sigmoid(self.receptance(time_mix(xx, shifted, self.time_mix_r)))
+        xk, xr = time_mix(xx, shifted, self.time_mix_k, self.time_mix_r)
+        k = torch.square(torch.relu(self.key(xk)))
+        r = torch.sigmoid(self.receptance(xr))
         return r * self.value(k), xx[:, -1]
 
 
@@ -104,12 +105,30 @@ class RWKV4(nn.Module):
         self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
         self.ln_out = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
-        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.head = Linear(cfg.n_embd, cfg.vocab_size)
         self.chunk_len: int | None = None  # None: the measured default for the device
 
     @property
     def dtype(self) -> torch.dtype:
+        """How the embedding and (unless quantized) the projections are stored."""
         return self.emb.weight.dtype
+
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        """The dtype of activations: fp32 for half or int8 weights (half activations overflow)."""
+        return self.ln_out.weight.dtype
+
+    @property
+    def quantization(self) -> str | None:
+        return "int8" if isinstance(self.head, Int8Linear) else None
+
+    def _use_int8_projections(self) -> None:
+        """Swap every projection for an int8 one of the same shape (weights loaded afterwards)."""
+        for name, module in list(self.named_modules()):
+            if isinstance(module, Linear):
+                parent, _, attr = name.rpartition(".")
+                int8 = Int8Linear(module.in_features, module.out_features, device=module.weight.device)
+                setattr(self.get_submodule(parent) if parent else self, attr, int8)
 
     @property
     def device(self) -> torch.device:
@@ -151,7 +170,7 @@ class RWKV4(nn.Module):
         chunk_len = self.chunk_len or (
             CHUNK_LEN_CPU if self.device.type == "cpu" else CHUNK_LEN_ACCELERATOR
         )
-        x = self.emb(tokens)
+        x = self.emb(tokens).to(self.activation_dtype)
         new = {name: [] for name in ("att_x", "ffn_x", "num", "den", "max")}
         for i, block in enumerate(self.blocks):
             if i == 0:
@@ -161,7 +180,7 @@ class RWKV4(nn.Module):
             out, ffn_x = block.ffn(block.ln2(x), state.ffn_x[i])
             x = x + out
             for name, value in zip(new, (att_x, ffn_x, *s)):
-                new[name].append(value.float())
+                new[name].append(value if value.dtype == torch.float32 else value.float())
         if last_only:
             x = x[:, -1:]
         logits = self.head(self.ln_out(x))
@@ -251,17 +270,46 @@ def random_state_dict(cfg: RWKV4Config, seed: int = 0, dtype=torch.float32) -> d
     return {k: v.to(dtype) for k, v in sd.items()}
 
 
-def build_model(cfg: RWKV4Config, sd: dict[str, Tensor], dtype=torch.float32, device="cpu") -> RWKV4:
-    """A model that uses the given tensors (no copy when dtype and device already match)."""
+def build_model(cfg: RWKV4Config, sd: dict[str, Tensor], dtype=torch.float32, device="cpu",
+                quantize: str | None = None) -> RWKV4:
+    """A model that uses the given tensors (no copy when dtype and device already match).
+
+    ``dtype`` is how the matrices (embedding, projections) are stored; vectors (norms, mixes,
+    decay, bonus) and activations are fp32 unless the model is fp64, because exp(time_decay)
+    and relu(k)^2 lose too much or overflow in half precision. ``quantize="int8"`` stores the
+    projections as int8 with per-row scales; an int8 checkpoint loads as int8 either way.
+    """
+    if quantize not in QUANTIZATIONS:
+        raise RwkvpyError(f"unknown quantization {quantize!r}; choose int8 or none")
+    if quantize == "int8" and not is_quantized(sd):
+        sd = quantize_state_dict(sd)
+    int8 = is_quantized(sd)
+    vectors = torch.float64 if dtype == torch.float64 else torch.float32
     with torch.device("meta"):
         model = RWKV4(cfg)
-    # Decay and bonus stay fp32 even in half-precision models: exp(time_decay) is sensitive.
-    sd = {
-        k: v.to(device=device, dtype=torch.float32 if k.endswith(_FP32_KEYS) else dtype)
-        for k, v in sd.items()
-    }
-    model.load_state_dict(sd, strict=True, assign=True)
+        if int8:
+            model._use_int8_projections()
+
+    def place(key: str, t: Tensor) -> Tensor:
+        if int8 and key.endswith(PROJECTIONS):
+            return t.to(device)
+        if key.endswith(SCALE_SUFFIX):
+            return t.to(device, torch.float32)
+        return t.to(device, dtype if t.dim() == 2 else vectors)
+
+    model.load_state_dict({k: place(k, v) for k, v in sd.items()}, strict=True, assign=True)
     return model.eval()
+
+
+def quantize_state_dict(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Projections to int8 with one fp32 scale per output row (``<key>_scale``); the rest as is."""
+    out = {}
+    for key, t in sd.items():
+        if key.endswith(PROJECTIONS):
+            out[key], out[key + SCALE_SUFFIX] = quantize_int8(t)
+        else:
+            out[key] = t
+    return out
 
 
 @torch.no_grad()

@@ -11,6 +11,8 @@ def token_shift(x: Tensor, last: Tensor) -> Tensor:
     return torch.cat([last[:, None].to(x.dtype), x[:, :-1]], dim=1)
 
 
-def time_mix(x: Tensor, shifted: Tensor, mix: Tensor) -> Tensor:
-    """Interpolate between the current and the previous token: mix * x + (1 - mix) * shifted."""
-    return shifted + mix * (x - shifted)
+def time_mix(x: Tensor, shifted: Tensor, *mixes: Tensor) -> tuple[Tensor, ...]:
+    """Interpolate between the current and the previous token, once per mix:
+    mix * x + (1 - mix) * shifted (the difference is shared: one fused op per mix)."""
+    d = x - shifted
+    return tuple(torch.addcmul(shifted, mix.to(x.dtype), d) for mix in mixes)

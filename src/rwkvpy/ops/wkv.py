@@ -69,12 +69,13 @@ def wkv_step(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WkvState | None 
         uk = u + kt
         p = torch.maximum(mx, uk)
         e1, e2 = torch.exp(mx - p), torch.exp(uk - p)
-        outs.append((e1 * num + e2 * vt) / (e1 * den + e2))
+        outs.append(torch.addcmul(e1 * num, e2, vt) / torch.addcmul(e2, e1, den))
         decayed = mx + w
         p = torch.maximum(decayed, kt)
         e1, e2 = torch.exp(decayed - p), torch.exp(kt - p)
-        num, den, mx = e1 * num + e2 * vt, e1 * den + e2, p
-    return torch.stack(outs, dim=1), WkvState(num, den, mx)
+        num, den, mx = torch.addcmul(e1 * num, e2, vt), torch.addcmul(e2, e1, den), p
+    out = outs[0].unsqueeze(1) if len(outs) == 1 else torch.stack(outs, dim=1)
+    return out, WkvState(num, den, mx)
 
 
 def wkv_reference(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WkvState | None = None):

@@ -1,0 +1,52 @@
+"""CPU inference speed of rwkvpy vs the official ``rwkv`` package and ``transformers``, one run.
+
+    python benchmarks/bench_cpu.py [--layers 12 --width 768 --vocab 50277] [--repeats 5]
+                                   [--long-context 100000] [--json results.json]
+
+Random weights with the shape of RWKV-4-Pile-169M by default, written to a temporary
+rwkvpy checkpoint, then ``rwkvpy.bench.run`` (the same code as ``rwkvpy bench --model M``):
+decode tok/s at batch 1/16/64, prefill of a 1024-token prompt, peak RSS, the memory
+bandwidth and the decode floor it implies, and the peers' figures, measured round-robin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from rwkvpy import bench
+from rwkvpy.checkpoint import save_native
+from rwkvpy.models import RWKV4Config, random_state_dict
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--width", type=int, default=768)
+    ap.add_argument("--vocab", type=int, default=50277)
+    ap.add_argument("--kinds", default="fp32,bf16,int8")
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--prompt", type=int, default=1024)
+    ap.add_argument("--decode-tokens", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--long-context", type=int, default=0)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+
+    cfg = RWKV4Config(vocab_size=args.vocab, n_embd=args.width, n_layer=args.layers)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model"
+        save_native(cfg, random_state_dict(cfg, seed=0), path)
+        print(f"model: {cfg}")
+        result = bench.run(path, kinds=tuple(args.kinds.split(",")),
+                           batches=tuple(int(b) for b in args.batches.split(",")), prompt=args.prompt,
+                           decode_tokens=args.decode_tokens, repeats=args.repeats, peers=not args.no_peers,
+                           long_context=args.long_context)
+    if args.json:
+        bench.write_json(result, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,298 @@
+"""``rwkvpy bench``: decode and prefill speed, memory and the memory-bandwidth floor of a
+model on this machine, next to the official ``rwkv`` package and ``transformers`` on the
+same weights, all measured in one run.
+
+Decoding one token reads every projection once, so its floor is
+``bytes of projections / memory bandwidth``; the bandwidth is that of a large read-only
+reduction measured here. Every measurement is repeated round-robin (one of each, then the
+next round) and the median kept, so a slow spell of a shared machine hits every entry
+alike. Peers are measured only when their packages are installed (they are test
+dependencies of rwkvpy, never runtime ones).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .ops.linear import native_bf16
+
+KINDS = {"fp32": {}, "bf16": {"dtype": "bf16"}, "fp16": {"dtype": "fp16"}, "int8": {"quantize": "int8"}}
+OFFICIAL_STRATEGY = {"fp32": "cpu fp32", "bf16": "cpu bf16", "int8": "cpu fp32i8"}
+HF_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Task:
+    name: str
+    fn: object  # () -> None
+    tokens: int  # tokens processed per call
+    repeats: int
+    times: list[float] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / statistics.median(self.times)
+
+
+def machine() -> dict:
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": native_bf16(),
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes per second of summing a large fp32 tensor (read once, nothing written)."""
+    x = torch.ones(int(gib * 2**30) // 4)
+    x.sum()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t0)
+    return x.numel() * 4 / statistics.median(times)
+
+
+def bytes_per_token(model) -> int:
+    """Bytes a decode step reads: every matrix but the embedding (one row of it), every vector."""
+    total = 0
+    for name, t in model.state_dict().items():
+        total += t[0].numel() * t.element_size() if name == "emb.weight" else t.numel() * t.element_size()
+    return total
+
+
+def current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _decode_fn(step, state, tokens):
+    def run():
+        s = state
+        for t in tokens:
+            _, s = step(t, s)
+    return run
+
+
+def rwkvpy_tasks(path, kind: str, batches, prompt, decode_tokens, repeats, g) -> tuple[list[Task], int]:
+    from .loading import load
+
+    model = load(path, **KINDS[kind])
+    V = model.config.vocab_size
+    tasks = []
+    with torch.no_grad():
+        for B in batches:
+            _, state = model(torch.randint(0, V, (B, 8), generator=g))
+            toks = [torch.randint(0, V, (B,), generator=g) for _ in range(decode_tokens)]
+            tasks.append(Task(f"rwkvpy {kind} decode batch {B}", _decode_fn(model.step, state, toks),
+                              B * decode_tokens, repeats))
+        ids = torch.randint(0, V, (1, prompt), generator=g)
+        tasks.append(Task(f"rwkvpy {kind} prefill {prompt}", lambda: model(ids, last_only=True), prompt,
+                          repeats))
+    return tasks, bytes_per_token(model)
+
+
+def official_tasks(pth: Path, kind: str, vocab: int, prompt, decode_tokens, repeats, g) -> list[Task]:
+    os.environ.setdefault("RWKV_JIT_ON", "0")
+    os.environ.setdefault("RWKV_CUDA_ON", "0")
+    from rwkv.model import RWKV
+
+    model = RWKV(str(pth), OFFICIAL_STRATEGY[kind], verbose=False)
+    ids = torch.randint(0, vocab, (prompt,), generator=g).tolist()
+    _, state = model.forward(ids[:8], None)
+
+    def decode():
+        s = [t.clone() for t in state]  # the official forward updates the state in place
+        for t in ids[8: 8 + decode_tokens]:
+            _, s = model.forward([t], s)
+
+    name = f"official {OFFICIAL_STRATEGY[kind]}"
+    tasks = [Task(f"{name} decode batch 1", decode, decode_tokens, repeats)]
+    if kind == "fp32" or kind == "int8":  # its bf16 prefill runs at ~1 GFLOP/s on AVX2: skipped
+        tasks.append(Task(f"{name} prefill {prompt}", lambda: model.forward(ids, None), prompt,
+                          repeats if kind == "fp32" else 1))
+    return tasks
+
+
+def hf_tasks(folder: Path, kind: str, vocab: int, prompt, decode_tokens, repeats, g) -> list[Task]:
+    from transformers import RwkvForCausalLM
+
+    model = RwkvForCausalLM.from_pretrained(folder, rescale_every=0, dtype=HF_DTYPE[kind]).eval()
+    ids = torch.randint(0, vocab, (1, prompt), generator=g)
+    with torch.no_grad():
+        state = model(ids[:, :8], use_cache=True).state
+
+    def decode():
+        s = [t.clone() for t in state]  # transformers updates the state in place
+        with torch.no_grad():
+            for t in range(decode_tokens):
+                s = model(ids[:, 8 + t: 9 + t], state=s, use_cache=True).state
+
+    def prefill():
+        with torch.no_grad():
+            model(ids, use_cache=True)
+
+    tasks = [Task(f"transformers {kind} decode batch 1", decode, decode_tokens, repeats)]
+    if kind == "fp32":
+        tasks.append(Task(f"transformers fp32 prefill {prompt}", prefill, prompt, repeats))
+    return tasks
+
+
+def peak_rss(path, kind: str, decode_tokens: int = 32) -> int:
+    """Peak resident memory (bytes) of a fresh process that loads the model and decodes."""
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec from the forking parent.
+    code = ("import sys, torch, rwkvpy\n"
+            "from rwkvpy.bench import KINDS\n"
+            "m = rwkvpy.load(sys.argv[1], **KINDS[sys.argv[2]])\n"
+            "s = None\n"
+            "with torch.no_grad():\n"
+            f"    for _ in range({decode_tokens}): _, s = m.step(torch.tensor([1]), s)\n"
+            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
+            "print(int(hwm.split()[1]) * 1024)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(path), kind], capture_output=True, text=True,
+                         check=True)
+    return int(out.stdout.split()[-1])
+
+
+@torch.no_grad()
+def long_context_rss(path, kind: str, total: int, near: int = 1000, chunk: int = 1024) -> tuple[int, int]:
+    """RSS while decoding after ``near`` and after ``total`` tokens of context (prefilled in
+    chunks), in this process."""
+    from .loading import load
+
+    model = load(path, **KINDS[kind])
+    g = torch.Generator().manual_seed(0)
+    V = model.config.vocab_size
+    state, done, rss = None, 0, []
+    with tqdm(total=total, desc=f"context ({kind})", unit="tok", leave=False) as bar:
+        for target in (near, total):
+            while done < target:
+                n = min(chunk, target - done)
+                _, state = model(torch.randint(0, V, (1, n), generator=g), state, last_only=True)
+                done += n
+                bar.update(n)
+            for _ in range(16):
+                _, state = model.step(torch.randint(0, V, (1,), generator=g), state)
+            rss.append(current_rss())
+    return rss[0], rss[1]
+
+
+def run(path, kinds=("fp32", "bf16", "int8"), batches=(1, 16, 64), prompt: int = 1024,
+        decode_tokens: int = 16, repeats: int = 5, peers: bool = True, long_context: int = 0,
+        log=print) -> dict:
+    """Measure everything; return the results (also printed through ``log``)."""
+    from .checkpoint import read_checkpoint, write_checkpoint
+
+    info = machine()
+    log(f"machine: {info}")
+    bandwidth = memory_bandwidth()
+    log(f"memory bandwidth (sum of 1 GiB fp32): {bandwidth / 1e9:.1f} GB/s")
+    g = torch.Generator().manual_seed(0)
+    tasks, per_token = [], {}
+    for kind in kinds:
+        t, per_token[kind] = rwkvpy_tasks(path, kind, batches, prompt, decode_tokens, repeats, g)
+        tasks += t
+    with tempfile.TemporaryDirectory() as tmp:
+        if peers:
+            cfg, sd, _ = read_checkpoint(path)
+            try:
+                import rwkv  # noqa: F401
+
+                write_checkpoint(cfg, sd, Path(tmp) / "model.pth", "pth")
+                for kind in kinds:
+                    if kind in OFFICIAL_STRATEGY:
+                        tasks += official_tasks(Path(tmp) / "model.pth", kind, cfg.vocab_size, prompt,
+                                                decode_tokens, repeats, g)
+            except ImportError:
+                log("official rwkv package not installed: skipped")
+            try:
+                import transformers  # noqa: F401
+
+                write_checkpoint(cfg, sd, Path(tmp) / "hf", "hf")
+                for kind in kinds:
+                    if kind in HF_DTYPE:
+                        tasks += hf_tasks(Path(tmp) / "hf", kind, cfg.vocab_size, prompt, decode_tokens,
+                                          repeats, g)
+            except ImportError:
+                log("transformers not installed: skipped")
+            del sd
+        for task in tasks:
+            task.fn()  # warm-up
+        rounds = max(t.repeats for t in tasks)
+        for r in tqdm(range(rounds), desc="rounds", leave=False):
+            for task in tasks:
+                if r < task.repeats:
+                    t0 = time.perf_counter()
+                    task.fn()
+                    task.times.append(time.perf_counter() - t0)
+
+    rates = {t.name: t.rate for t in tasks}
+    result = {"machine": info, "bandwidth_gbs": bandwidth / 1e9, "prompt": prompt, "repeats": repeats,
+              "tok_s": rates, "bytes_per_token": per_token, "floor_tok_s": {}, "ratios": {}, "peak_rss_mib": {}}
+    for kind in kinds:
+        floor = bandwidth / per_token[kind]
+        result["floor_tok_s"][kind] = floor
+        b1 = rates[f"rwkvpy {kind} decode batch 1"]
+        ratios = {"decode batch 1 / floor": b1 / floor}
+        for B in batches:
+            if B != 1:
+                ratios[f"decode batch {B} / batch 1"] = rates[f"rwkvpy {kind} decode batch {B}"] / b1
+        for peer in (f"official {OFFICIAL_STRATEGY.get(kind)}", f"transformers {kind}"):
+            if f"{peer} decode batch 1" in rates:
+                ratios[f"decode batch 1 / {peer}"] = b1 / rates[f"{peer} decode batch 1"]
+        for peer in ("official cpu fp32", "transformers fp32"):
+            if f"{peer} prefill {prompt}" in rates:
+                ratios[f"prefill / {peer}"] = rates[f"rwkvpy {kind} prefill {prompt}"] / rates[f"{peer} prefill {prompt}"]
+        if kind != "fp32" and "fp32" in kinds:
+            ratios["decode batch 1 / rwkvpy fp32"] = b1 / rates["rwkvpy fp32 decode batch 1"]
+        result["ratios"][kind] = ratios
+        result["peak_rss_mib"][kind] = peak_rss(path, kind) / 2**20
+    if long_context:
+        near, far = long_context_rss(path, kinds[0], long_context)
+        result["long_context"] = {"kind": kinds[0], "tokens": long_context, "rss_mib_at_1000": near / 2**20,
+                                  f"rss_mib_at_{long_context}": far / 2**20, "ratio": far / near}
+    for line in format_result(result):
+        log(line)
+    return result
+
+
+def format_result(r: dict) -> list[str]:
+    lines = ["", f"{'measurement':44s} {'tok/s':>9s}"]
+    lines += [f"{name:44s} {rate:9.1f}" for name, rate in r["tok_s"].items()]
+    lines.append("")
+    for kind, ratios in r["ratios"].items():
+        lines.append(f"{kind}: {r['bytes_per_token'][kind] / 2**20:.0f} MiB read per token, floor "
+                     f"{r['floor_tok_s'][kind]:.1f} tok/s, peak RSS {r['peak_rss_mib'][kind]:.0f} MiB")
+        lines += [f"  {name:42s} x{value:.2f}" for name, value in ratios.items()]
+    if "long_context" in r:
+        lc = r["long_context"]
+        lines.append(f"RSS decoding after {lc['tokens']:,} tokens / after 1,000 ({lc['kind']}): x{lc['ratio']:.4f}")
+    return lines
+
+
+def write_json(result: dict, path) -> None:
+    from .io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+
+
+__all__ = ["run", "memory_bandwidth", "bytes_per_token", "peak_rss", "long_context_rss", "machine"]

@@ -1,0 +1,244 @@
+"""Every CPU inference path (fp32, bf16, fp16, int8 kernels; batched decoding; memory-mapped
+loading; ``rwkvpy quantize``) against the plain fp32 computation."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import SHAPES, rel_err
+
+import rwkvpy
+from rwkvpy.checkpoint import read_checkpoint, save_native, write_pth
+from rwkvpy.cli import main
+from rwkvpy.errors import CheckpointError
+from rwkvpy.models import RWKV4Config, RWKV4State, build_model, random_state_dict
+from rwkvpy.models.rwkv4 import quantize_state_dict
+from rwkvpy.ops.linear import (HALF_GEMV_MAX_ROWS, INT8_GEMV_MAX_ROWS, SPLIT_MAX_ROWS, project,
+                               quantize_int8)
+
+# Rows on either side of every kernel switch; odd and even output widths (the split product
+# handles an odd last row separately).
+ROWS = sorted({1, 2, 3, HALF_GEMV_MAX_ROWS + 1, INT8_GEMV_MAX_ROWS, INT8_GEMV_MAX_ROWS + 1,
+               SPLIT_MAX_ROWS, SPLIT_MAX_ROWS + 1})
+OUTS = [1, 7, 64]
+
+
+def within_rounding(y, x, w, unit):
+    """|y - x w^T| <= unit * |x| |w|^T elementwise: rounding x and y to a format with relative
+    precision unit/2 moves each term by at most that (a bound that survives cancellation)."""
+    return bool(((y - F.linear(x, w)).abs() <= unit * F.linear(x.abs(), w.abs()) + 1e-7).all())
+
+
+def weights(out, n_in, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(out, n_in, generator=g) / n_in**0.5, torch.randn(5, 1, 1, generator=g)
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("out", OUTS)
+def test_fp32_products_equal_f_linear(rows, out):
+    w, _ = weights(out, 48)
+    x = torch.randn(rows, 48)
+    with torch.no_grad():
+        assert rel_err(project(x, w), F.linear(x, w)) < 1e-6
+        assert project(x.view(1, rows, 48), w).shape == (1, rows, out)
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_weight_products_are_fp32_products_of_the_rounded_weights(rows, dtype):
+    w, _ = weights(64, 48)
+    wh = w.to(dtype)
+    x = torch.randn(rows, 48)
+    with torch.no_grad():
+        y = project(x, wh)
+    assert y.dtype == torch.float32
+    # A half-precision product rounds x and y to the weight's dtype too (8 or 11 mantissa bits).
+    assert within_rounding(y, x, wh.float(), 2**-8 if dtype == torch.bfloat16 else 2**-10)
+
+
+def test_quantize_int8_error_is_at_most_half_a_step():
+    w, _ = weights(64, 48)
+    w[3] = 0  # a zero row (zero-initialised projections exist) must not produce NaN
+    q, scale = quantize_int8(w)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127 and scale.shape == (64,)
+    assert (q[3] == 0).all() and torch.isfinite(scale).all()
+    err = (q.float() * scale[:, None] - w).abs()
+    assert (err <= scale[:, None] / 2 + 1e-7).all()
+    assert (q.abs().amax(1)[scale > 1e-9] == 127).all()  # every nonzero row uses the full range
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("out", OUTS)
+@pytest.mark.parametrize("n_in", [48, 37])  # torch's int8 kernel is used only for multiples of 8
+def test_int8_products_equal_the_dequantized_product(rows, out, n_in):
+    w, _ = weights(out, n_in)
+    q, scale = quantize_int8(w)
+    x = torch.randn(rows, n_in)
+    with torch.no_grad():
+        y = project(x, q, scale)
+    # the fast kernel takes bf16 activations and returns bf16; the other path is plain fp32
+    assert within_rounding(y, x, q.float() * scale[:, None], 2**-8)
+
+
+CFG = SHAPES["odd"]
+
+
+def logits_both_forms(model, tokens):
+    with torch.no_grad():
+        whole, _ = model(tokens)
+        rows, state = [], None
+        for t in range(tokens.shape[1]):
+            row, state = model.step(tokens[:, t], state)
+            rows.append(row)
+    return whole, torch.stack(rows, 1)
+
+
+@pytest.mark.parametrize("shape", ["odd", "ffn35"])  # widths 37/101 and 48/168 (multiples of 8)
+@pytest.mark.parametrize("kind, tol", [("bf16", 0.02), ("fp16", 0.002), ("int8", 0.04)])
+def test_narrow_models_stay_close_to_fp32(kind, tol, shape):
+    """bf16/fp16/int8 logits vs fp32 logits of the same checkpoint, in both forms.
+
+    Tolerances (relative to the largest logit) come from the storage: bf16 keeps 8 bits of
+    mantissa, fp16 11, int8 7 bits per row plus the sign; bounds are ~3x the errors observed.
+    Random weights are harder than trained ones here (decays up to e^6, keys of std 1.5)."""
+    cfg = SHAPES[shape]
+    sd = random_state_dict(cfg, seed=1)
+    # one row: the recurrent form takes the matrix-vector kernels, the parallel form the others
+    tokens = torch.randint(0, cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
+    ref_whole, ref_steps = logits_both_forms(build_model(cfg, sd), tokens)
+    kw = {"quantize": "int8"} if kind == "int8" else {"dtype": getattr(torch, {"bf16": "bfloat16",
+                                                                             "fp16": "float16"}[kind])}
+    model = build_model(cfg, sd, **kw)
+    whole, steps = logits_both_forms(model, tokens)
+    assert whole.dtype == torch.float32 and model.activation_dtype == torch.float32
+    assert rel_err(whole, ref_whole) < tol
+    assert rel_err(steps, ref_steps) < tol
+    assert rel_err(steps, whole) < tol
+
+
+def test_int8_model_is_the_dequantized_model():
+    """Away from the bf16 kernel (parallel form), int8 == fp32 with the dequantized weights."""
+    sd = random_state_dict(CFG, seed=2)
+    qsd = quantize_state_dict(sd)
+    deq = {k: (qsd[k].float() * qsd[k + "_scale"][:, None]) if k + "_scale" in qsd else v
+           for k, v in qsd.items() if not k.endswith("_scale")}
+    tokens = torch.randint(0, CFG.vocab_size, (1, 80), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, sa = build_model(CFG, qsd)(tokens)
+        b, sb = build_model(CFG, deq)(tokens)
+    assert rel_err(a, b) < 1e-5 and rel_err(sa.num, sb.num) < 1e-4
+
+
+def test_batched_decoding_equals_each_stream_alone():
+    """Streams that join and leave a batch at different times, at different positions, get
+    the same logits as when decoded alone (as a server batches them)."""
+    model = build_model(CFG, random_state_dict(CFG, seed=3))
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, CFG.vocab_size, (1, n), generator=g) for n in (5, 17, 1, 9)]
+    conts = [torch.randint(0, CFG.vocab_size, (12,), generator=g) for _ in prompts]
+    join_at = [0, 0, 3, 6]  # decode step at which each stream joins the batch
+    leave_at = [12, 7, 12, 10]  # ... and after how many of its own tokens it leaves
+
+    with torch.no_grad():
+        alone = []
+        for p, c in zip(prompts, conts):
+            _, s = model(p)
+            rows = []
+            for t in c:
+                row, s = model.step(t.view(1), s)
+                rows.append(row[0])
+            alone.append(rows)
+
+        active, state, got = [], None, {i: [] for i in range(len(prompts))}
+        for step in range(20):
+            for i, j in enumerate(join_at):
+                if j == step:
+                    _, s = model(prompts[i])
+                    state = s if state is None else RWKV4State.concat([state, s])
+                    active.append(i)
+            if not active:
+                break
+            toks = torch.stack([conts[i][len(got[i])] for i in active])
+            logits, state = model.step(toks, state)
+            for row, i in enumerate(active):
+                got[i].append(logits[row])
+            keep = [r for r, i in enumerate(active) if len(got[i]) < leave_at[i]]
+            if len(keep) < len(active):
+                state, active = state.select(keep), [active[r] for r in keep]
+            assert state.pos.tolist() == [prompts[i].shape[1] + len(got[i]) for i in active]
+    for i in range(len(prompts)):
+        assert len(got[i]) == leave_at[i]
+        assert rel_err(torch.stack(got[i]), torch.stack(alone[i][: leave_at[i]])) < 1e-5
+
+
+def test_int8_checkpoint_round_trip_and_errors(tmp_path):
+    cfg = SHAPES["small"]
+    qsd = quantize_state_dict(random_state_dict(cfg, seed=4))
+    save_native(cfg, qsd, tmp_path / "q")
+    cfg2, back, _ = read_checkpoint(tmp_path / "q")
+    assert cfg2 == cfg and all(torch.equal(back[k], qsd[k]) and back[k].dtype == qsd[k].dtype for k in qsd)
+    model = rwkvpy.load(tmp_path / "q")
+    assert model.quantization == "int8" and model.blocks[0].att.key.weight.dtype == torch.int8
+
+    bad = dict(qsd)
+    bad["blocks.0.ffn.key.weight"] = bad["blocks.0.ffn.key.weight"].float()
+    save_native(cfg, bad, tmp_path / "bad")
+    with pytest.raises(CheckpointError, match=r"'blocks\.0\.ffn\.key\.weight' has dtype torch.float32, expected int8"):
+        read_checkpoint(tmp_path / "bad")
+    del bad["blocks.0.ffn.key.weight_scale"]
+    bad["blocks.0.ffn.key.weight"] = qsd["blocks.0.ffn.key.weight"]
+    save_native(cfg, bad, tmp_path / "bad2")
+    with pytest.raises(CheckpointError, match=r"missing key 'blocks\.0\.ffn\.key\.weight_scale'"):
+        read_checkpoint(tmp_path / "bad2")
+    with pytest.raises(CheckpointError, match="only in rwkvpy's format"):
+        write_pth(qsd, tmp_path / "q.pth") if False else rwkvpy.checkpoint.write_checkpoint(
+            cfg, qsd, tmp_path / "q.pth", "pth")
+
+
+def test_quantize_cli_reports_quality_and_refuses_a_bad_result(tmp_path, capsys):
+    cfg = RWKV4Config(vocab_size=256, n_embd=32, n_layer=2)
+    save_native(cfg, random_state_dict(cfg, seed=5), tmp_path / "m")
+    text = tmp_path / "t.txt"
+    text.write_text("To be, or not to be, that is the question. " * 200)
+    assert main(["quantize", str(tmp_path / "m"), str(tmp_path / "q"), "--int8", "--data", str(text),
+                 "--ctx-len", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "validation loss" in out and "top-1 agreement" in out
+    assert rwkvpy.load(tmp_path / "q").quantization == "int8"
+    # the same again: the destination exists
+    assert main(["quantize", str(tmp_path / "m"), str(tmp_path / "q"), "--int8"]) == 1
+    assert "already exists" in capsys.readouterr().err
+    # an int8 model cannot be quantized again
+    assert main(["quantize", str(tmp_path / "q"), str(tmp_path / "q2"), "--int8"]) == 1
+    assert "already quantized" in capsys.readouterr().err
+    # a threshold no quantization meets: refused, nothing written
+    assert main(["quantize", str(tmp_path / "m"), str(tmp_path / "q3"), "--int8", "--data", str(text),
+                 "--ctx-len", "32", "--max-loss-increase", "-100"]) == 1
+    assert "nothing written" in capsys.readouterr().err and not (tmp_path / "q3").exists()
+
+
+def test_loading_maps_the_file_instead_of_copying_it(tmp_path):
+    """Peak memory while loading a checkpoint in its own dtype stays far below its size."""
+    cfg = RWKV4Config(vocab_size=4096, n_embd=512, n_layer=6)  # ~92 MiB in fp32
+    sd = random_state_dict(cfg, seed=6)
+    save_native(cfg, sd, tmp_path / "m")
+    tiny = SHAPES["small"]
+    save_native(tiny, random_state_dict(tiny), tmp_path / "tiny")
+    size = sum(t.numel() * t.element_size() for t in sd.values())
+    # VmHWM (peak RSS of this process image): ru_maxrss would carry pytest's peak across exec
+    code = (
+        "import json, sys, rwkvpy\n"
+        "def hwm(): return int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])\n"
+        "rwkvpy.load(sys.argv[2])  # first load: libraries' one-off allocations\n"
+        "base = hwm()\n"
+        "m = rwkvpy.load(sys.argv[1])\n"
+        "print(json.dumps((hwm() - base) * 1024))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m"), str(tmp_path / "tiny")],
+                         capture_output=True, text=True, check=True)
+    growth = json.loads(out.stdout)
+    assert growth < 0.5 * size, f"loading grew RSS by {growth / 2**20:.0f} MiB for {size / 2**20:.0f} MiB"
