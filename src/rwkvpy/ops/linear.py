@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 SPLIT_MAX_ROWS = 64  # fp32 rows up to which the split product beats F.linear (CPU)
+SPLIT_MIN_NUMEL = 1 << 18  # below this (1 MiB in fp32) the weight is in cache: F.linear is cheaper
 HALF_GEMV_MAX_ROWS = 1  # half-precision rows up to which a half product beats upcasting (CPU, AVX2)
 INT8_GEMV_MAX_ROWS = 16  # rows up to which torch's int8 weight kernel beats dequantizing (CPU)
 HALF = (torch.bfloat16, torch.float16)
@@ -66,7 +67,7 @@ def project(x: Tensor, weight: Tensor, scale: Tensor | None = None,
     if scale is not None:
         return _project_int8(x, weight, scale, scale_bf16)
     if weight.dtype == x.dtype:
-        if (x.device.type == "cpu" and _rows(x) <= SPLIT_MAX_ROWS and weight.shape[0] >= 2
+        if (x.device.type == "cpu" and weight.numel() >= SPLIT_MIN_NUMEL and _rows(x) <= SPLIT_MAX_ROWS
                 and not (torch.is_grad_enabled() and weight.requires_grad)):
             return _split_rows_product(x, weight)
         return F.linear(x, weight)

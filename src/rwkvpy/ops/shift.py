@@ -15,4 +15,4 @@ def time_mix(x: Tensor, shifted: Tensor, *mixes: Tensor) -> tuple[Tensor, ...]:
     """Interpolate between the current and the previous token, once per mix:
     mix * x + (1 - mix) * shifted (the difference is shared: one fused op per mix)."""
     d = x - shifted
-    return tuple(torch.addcmul(shifted, mix.to(x.dtype), d) for mix in mixes)
+    return tuple(torch.addcmul(shifted, mix, d) for mix in mixes)
