@@ -56,14 +56,17 @@ class TimeMix(nn.Module):
         shifted = token_shift(xx, last_x)
         xk, xv, xr = time_mix(xx, shifted, self.time_mix_k, self.time_mix_v, self.time_mix_r)
         k, v, r = self.key(xk), self.value(xv), torch.sigmoid(self.receptance(xr))
-        # The WKV sums run in fp32 at least: exp(k) and the state overflow half precision.
-        acc = torch.promote_types(k.dtype, torch.float32)
-        w = -torch.exp(self.time_decay.to(acc))
-        u = self.time_first.to(acc)
-        wkv = wkv_step if xx.shape[1] == 1 else wkv_chunked
-        kwargs = {} if xx.shape[1] == 1 else {"chunk_len": chunk_len}
-        y, s = wkv(w, u, k.to(acc), v.to(acc), s, **kwargs)
-        return self.output(r * y.to(r.dtype)), xx[:, -1], s
+        # The WKV sums run in the activations' dtype (fp32 at least): exp(k) and the state
+        # overflow half precision, which autocast would otherwise give k and v.
+        if k.dtype != xx.dtype:
+            k, v = k.to(xx.dtype), v.to(xx.dtype)
+        w = -torch.exp(self.time_decay.to(xx.dtype))
+        u = self.time_first.to(xx.dtype)
+        if xx.shape[1] == 1:
+            y, s = wkv_step(w, u, k, v, s)
+        else:
+            y, s = wkv_chunked(w, u, k, v, s, chunk_len=chunk_len)
+        return self.output(r * y), xx[:, -1], s
 
 
 class ChannelMix(nn.Module):

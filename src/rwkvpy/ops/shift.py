@@ -6,9 +6,8 @@ from torch import Tensor
 
 def token_shift(x: Tensor, last: Tensor) -> Tensor:
     """x (B, T, C), last (B, C) -> the sequence delayed by one step, starting with ``last``."""
-    if x.shape[1] == 1:
-        return last[:, None].to(x.dtype)
-    return torch.cat([last[:, None].to(x.dtype), x[:, :-1]], dim=1)
+    last = last.unsqueeze(1) if last.dtype == x.dtype else last.unsqueeze(1).to(x.dtype)
+    return last if x.shape[1] == 1 else torch.cat([last, x[:, :-1]], dim=1)
 
 
 def time_mix(x: Tensor, shifted: Tensor, *mixes: Tensor) -> tuple[Tensor, ...]:

@@ -57,7 +57,7 @@ class WkvState(NamedTuple):
 def _initial(state: WkvState | None, k: Tensor) -> WkvState:
     if state is None:
         return WkvState.zeros(k.shape[0], k.shape[2], dtype=k.dtype, device=k.device)
-    return WkvState(*(s.to(k.dtype) for s in state))
+    return state if state.num.dtype == k.dtype else WkvState(*(s.to(k.dtype) for s in state))
 
 
 def wkv_step(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WkvState | None = None):
