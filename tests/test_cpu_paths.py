@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import SHAPES, rel_err
 
 import rwkvpy
-from rwkvpy.checkpoint import read_checkpoint, save_native, write_pth
+from rwkvpy.checkpoint import read_checkpoint, save_native, write_checkpoint
 from rwkvpy.cli import main
 from rwkvpy.errors import CheckpointError
 from rwkvpy.models import RWKV4Config, RWKV4State, build_model, random_state_dict
@@ -34,14 +34,14 @@ def within_rounding(y, x, w, unit):
 
 def weights(out, n_in, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(out, n_in, generator=g) / n_in**0.5, torch.randn(5, 1, 1, generator=g)
+    return torch.randn(out, n_in, generator=g) / n_in**0.5
 
 
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("out", OUTS)
 def test_fp32_products_equal_f_linear(rows, out):
     n_in = SPLIT_MIN_NUMEL // 32  # large enough for the split product
-    w, _ = weights(out * 32, n_in)
+    w = weights(out * 32, n_in)
     x = torch.randn(rows, n_in)
     with torch.no_grad():
         # fp32 sums of 8192 terms in another order: ~sqrt(8192) * 2^-24 relative
@@ -54,7 +54,7 @@ def test_fp32_products_equal_f_linear(rows, out):
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_weight_products_are_fp32_products_of_the_rounded_weights(rows, dtype):
-    w, _ = weights(64, 48)
+    w = weights(64, 48)
     wh = w.to(dtype)
     x = torch.randn(rows, 48)
     with torch.no_grad():
@@ -65,7 +65,7 @@ def test_half_weight_products_are_fp32_products_of_the_rounded_weights(rows, dty
 
 
 def test_quantize_int8_error_is_at_most_half_a_step():
-    w, _ = weights(64, 48)
+    w = weights(64, 48)
     w[3] = 0  # a zero row (zero-initialised projections exist) must not produce NaN
     q, scale = quantize_int8(w)
     assert q.dtype == torch.int8 and q.abs().max() <= 127 and scale.shape == (64,)
@@ -79,7 +79,7 @@ def test_quantize_int8_error_is_at_most_half_a_step():
 @pytest.mark.parametrize("out", OUTS)
 @pytest.mark.parametrize("n_in", [48, 37])  # torch's int8 kernel is used only for multiples of 8
 def test_int8_products_equal_the_dequantized_product(rows, out, n_in):
-    w, _ = weights(out, n_in)
+    w = weights(out, n_in)
     q, scale = quantize_int8(w)
     x = torch.randn(rows, n_in)
     with torch.no_grad():
@@ -199,8 +199,7 @@ def test_int8_checkpoint_round_trip_and_errors(tmp_path):
     with pytest.raises(CheckpointError, match=r"missing key 'blocks\.0\.ffn\.key\.weight_scale'"):
         read_checkpoint(tmp_path / "bad2")
     with pytest.raises(CheckpointError, match="only in rwkvpy's format"):
-        write_pth(qsd, tmp_path / "q.pth") if False else rwkvpy.checkpoint.write_checkpoint(
-            cfg, qsd, tmp_path / "q.pth", "pth")
+        write_checkpoint(cfg, qsd, tmp_path / "q.pth", "pth")
 
 
 def test_quantize_cli_reports_quality_and_refuses_a_bad_result(tmp_path, capsys):
