@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("RWKV_JIT_ON", "0")
@@ -21,18 +19,9 @@ os.environ.setdefault("RWKV_CUDA_ON", "0")
 import torch  # noqa: E402
 
 import rwkvpy  # noqa: E402
+from rwkvpy.bench import median_time  # noqa: E402
 from rwkvpy.checkpoint import write_pth  # noqa: E402
 from rwkvpy.models import RWKV4Config, random_state_dict  # noqa: E402
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -11,23 +11,12 @@ choices in ``src/rwkvpy/ops/linear.py`` come from this table (docs/benchmarks.md
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from rwkvpy.bench import median_time
 from rwkvpy.ops.linear import _split_rows_product, quantize_int8
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -60,16 +60,21 @@ def machine() -> dict:
             "torch": torch.__version__, "python": platform.python_version()}
 
 
-def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    """Bytes per second of summing a large fp32 tensor (read once, nothing written)."""
-    x = torch.ones(int(gib * 2**30) // 4)
-    x.sum()
+def median_time(fn, repeats: int) -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` calls, after one warm-up call."""
+    fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        x.sum()
+        fn()
         times.append(time.perf_counter() - t0)
-    return x.numel() * 4 / statistics.median(times)
+    return statistics.median(times)
+
+
+def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes per second of summing a large fp32 tensor (read once, nothing written)."""
+    x = torch.ones(int(gib * 2**30) // 4)
+    return x.numel() * 4 / median_time(x.sum, repeats)
 
 
 def bytes_per_token(model) -> int:
@@ -295,4 +300,4 @@ def write_json(result: dict, path) -> None:
     atomic_write_text(path, json.dumps(result, indent=2) + "\n")
 
 
-__all__ = ["run", "memory_bandwidth", "bytes_per_token", "peak_rss", "long_context_rss", "machine"]
+__all__ = ["run", "median_time", "memory_bandwidth", "bytes_per_token", "peak_rss", "long_context_rss", "machine"]
