@@ -85,7 +85,8 @@ def cmd_quantize(args) -> int:
 
     tokens = probe_tokens(cfg.vocab_size, 64)
     lr, lq = ref(tokens)[0][0], quant(tokens)[0][0]
-    kl = torch.sum(lr.log_softmax(-1).exp() * (lr.log_softmax(-1) - lq.log_softmax(-1)), -1).mean().item()
+    pr, pq = lr.log_softmax(-1), lq.log_softmax(-1)
+    kl = (pr.exp() * (pr - pq)).sum(-1).mean().item()
     agree = (lr.argmax(-1) == lq.argmax(-1)).float().mean().item()
     print(f"probe ({tokens.shape[1]} tokens): max |logit difference| {(lr - lq).abs().max().item():.3g}, "
           f"mean KL(fp32 || int8) {kl:.3g} nats, top-1 agreement {agree:.1%}")
