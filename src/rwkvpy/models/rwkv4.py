@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..errors import RwkvpyError
 from ..ops.linear import Int8Linear, Linear, quantize_int8
 from ..ops.shift import time_mix, token_shift
-from ..ops.wkv import WkvState, wkv_chunked, wkv_step
+from ..ops.wkv import WkvState, wkv_chunked, wkv_step, wkv_token
 from .config import PROJECTIONS, SCALE_SUFFIX, RWKV4Config, is_quantized
 from .state import RWKV4State
 
@@ -53,6 +53,7 @@ class TimeMix(nn.Module):
         self.output = Linear(A, C)
 
     def forward(self, xx: Tensor, last_x: Tensor, s: WkvState, chunk_len: int):
+        """xx (B, T, C), or (B, C) for one token -> (output like xx, last input, WKV state)."""
         shifted = token_shift(xx, last_x)
         xk, xv, xr = time_mix(xx, shifted, self.time_mix_k, self.time_mix_v, self.time_mix_r)
         k, v, r = self.key(xk), self.value(xv), torch.sigmoid(self.receptance(xr))
@@ -62,11 +63,13 @@ class TimeMix(nn.Module):
             k, v = k.to(xx.dtype), v.to(xx.dtype)
         w = -torch.exp(self.time_decay.to(xx.dtype))
         u = self.time_first.to(xx.dtype)
-        if xx.shape[1] == 1:
+        if xx.dim() == 2:
+            y, s = wkv_token(w, u, k, v, s)
+        elif xx.shape[1] == 1:
             y, s = wkv_step(w, u, k, v, s)
         else:
             y, s = wkv_chunked(w, u, k, v, s, chunk_len=chunk_len)
-        return self.output(r * y), xx[:, -1], s
+        return self.output(r * y), _last(xx), s
 
 
 class ChannelMix(nn.Module):
@@ -84,7 +87,11 @@ class ChannelMix(nn.Module):
         xk, xr = time_mix(xx, shifted, self.time_mix_k, self.time_mix_r)
         k = torch.square(torch.relu(self.key(xk)))
         r = torch.sigmoid(self.receptance(xr))
-        return r * self.value(k), xx[:, -1]
+        return r * self.value(k), _last(xx)
+
+
+def _last(xx: Tensor) -> Tensor:
+    return xx if xx.dim() == 2 else xx[:, -1]
 
 
 class Block(nn.Module):
@@ -173,7 +180,8 @@ class RWKV4(nn.Module):
         chunk_len = self.chunk_len or (
             CHUNK_LEN_CPU if self.device.type == "cpu" else CHUNK_LEN_ACCELERATOR
         )
-        x = self.emb(tokens).to(self.activation_dtype)
+        one_token = tokens.shape[1] == 1  # decoding: (B, C) activations, fewer ops per token
+        x = self.emb(tokens[:, 0] if one_token else tokens).to(self.activation_dtype)
         new = {name: [] for name in ("att_x", "ffn_x", "num", "den", "max")}
         for i, block in enumerate(self.blocks):
             if i == 0:
@@ -184,7 +192,9 @@ class RWKV4(nn.Module):
             x = x + out
             for name, value in zip(new, (att_x, ffn_x, *s)):
                 new[name].append(value if value.dtype == torch.float32 else value.float())
-        if last_only:
+        if one_token:
+            x = x.unsqueeze(1)
+        elif last_only:
             x = x[:, -1:]
         logits = self.head(self.ln_out(x))
         layers = {k: torch.stack(v) for k, v in new.items()}

@@ -21,7 +21,7 @@ Forms, all ``(w, u, k, v, state) -> (out, new_state)`` with ``k, v`` of shape (B
     wkv_chunked    the parallel form: exact within chunks of ``chunk_len`` tokens (all chunks
                    at once); the state entering each chunk in closed form from the chunks'
                    summaries; groups of chunks follow each other; autograd-safe
-    wkv_step       the recurrent form, one token at a time (the decode path when T == 1)
+    wkv_step       the recurrent form, one token at a time (``wkv_token``: the decode path)
 
 Arithmetic happens in the dtype of ``k`` (callers pass fp32 or fp64; never half precision).
 """
@@ -60,22 +60,27 @@ def _initial(state: WkvState | None, k: Tensor) -> WkvState:
     return state if state.num.dtype == k.dtype else WkvState(*(s.to(k.dtype) for s in state))
 
 
+def wkv_token(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WkvState) -> tuple[Tensor, WkvState]:
+    """One token: k, v (B, C) -> out (B, C), state after the token (the official update)."""
+    num, den, mx = state
+    uk = u + k
+    p = torch.maximum(mx, uk)
+    e1, e2 = torch.exp(mx - p), torch.exp(uk - p)
+    out = torch.addcmul(e1 * num, e2, v) / torch.addcmul(e2, e1, den)
+    decayed = mx + w
+    p = torch.maximum(decayed, k)
+    e1, e2 = torch.exp(decayed - p), torch.exp(k - p)
+    return out, WkvState(torch.addcmul(e1 * num, e2, v), torch.addcmul(e2, e1, den), p)
+
+
 def wkv_step(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WkvState | None = None):
-    """Recurrent form: the official one-token update, applied token by token."""
-    num, den, mx = _initial(state, k)
+    """Recurrent form: :func:`wkv_token` applied token by token."""
+    s = _initial(state, k)
     outs = []
     for t in range(k.shape[1]):
-        kt, vt = k[:, t], v[:, t]
-        uk = u + kt
-        p = torch.maximum(mx, uk)
-        e1, e2 = torch.exp(mx - p), torch.exp(uk - p)
-        outs.append(torch.addcmul(e1 * num, e2, vt) / torch.addcmul(e2, e1, den))
-        decayed = mx + w
-        p = torch.maximum(decayed, kt)
-        e1, e2 = torch.exp(decayed - p), torch.exp(kt - p)
-        num, den, mx = torch.addcmul(e1 * num, e2, vt), torch.addcmul(e2, e1, den), p
-    out = outs[0].unsqueeze(1) if len(outs) == 1 else torch.stack(outs, dim=1)
-    return out, WkvState(num, den, mx)
+        out, s = wkv_token(w, u, k[:, t], v[:, t], s)
+        outs.append(out)
+    return torch.stack(outs, dim=1), s
 
 
 def wkv_reference(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WkvState | None = None):
