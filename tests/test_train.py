@@ -158,10 +158,14 @@ def test_compiled_training_matches_eager(tmp_path, corpus):
     assert all(abs(a - b) < 1e-4 for a, b in zip(eager, compiled)), (eager, compiled)
 
 
-def test_model_gradients_chunked_equal_reference(monkeypatch):
-    """The whole model in float64: gradients through the chunked WKV equal the O(T^2) form's."""
+@pytest.mark.parametrize("chunk_len", [None, 4])
+def test_model_gradients_equal_reference(monkeypatch, chunk_len):
+    """The whole model in float64: gradients through the WKV form training uses (the
+    matrix-product form; the chunked one is checked too) equal those of the O(T^2) form."""
+    import functools
+
     import rwkvpy.models.rwkv4 as rwkv4
-    from rwkvpy.ops.wkv import wkv_reference
+    from rwkvpy.ops.wkv import wkv_chunked, wkv_reference
 
     cfg = RWKV4Config(vocab_size=40, n_embd=12, n_layer=2, dim_ffn=20)
     sd = {k: v + 0.05 * torch.randn_like(v) for k, v in official_init(cfg, seed=1).items()}  # leave zero init
@@ -169,15 +173,20 @@ def test_model_gradients_chunked_equal_reference(monkeypatch):
 
     def grads():
         model = build_model(cfg, sd, dtype=torch.float64).train()
+        model.chunk_len = chunk_len
         logits, _ = model(x)
         torch.nn.functional.cross_entropy(logits.reshape(-1, 40), x.roll(-1, 1).reshape(-1)).backward()
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    chunked = grads()
-    monkeypatch.setattr(rwkv4, "wkv_chunked", lambda w, u, k, v, s, chunk_len: wkv_reference(w, u, k, v, s))
+    assert rwkv4.parallel_wkv(True, "cpu").func is rwkv4.wkv_matmul
+    forms = {"matmul": grads()}
+    monkeypatch.setattr(rwkv4, "wkv_matmul", functools.partial(wkv_chunked))
+    forms["chunked"] = grads()
+    monkeypatch.setattr(rwkv4, "wkv_matmul", lambda w, u, k, v, s, chunk_len: wkv_reference(w, u, k, v, s))
     reference = grads()
-    for name in chunked:
-        assert rel_err(chunked[name], reference[name]) < 1e-9, name
+    for form, got in forms.items():
+        for name in got:
+            assert rel_err(got[name], reference[name]) < 1e-9, (form, name)
 
 
 def test_official_init_matches_transformers_recipe():

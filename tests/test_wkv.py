@@ -1,10 +1,11 @@
-"""The three WKV forms compute one function: outputs, final states and gradients agree."""
+"""The WKV forms compute one function: outputs, final states and gradients agree."""
 
 import pytest
 import torch
 
 from conftest import rel_err
-from rwkvpy.ops.wkv import WkvState, wkv_chunked, wkv_reference, wkv_step
+import rwkvpy.ops.wkv as wkv_module
+from rwkvpy.ops.wkv import WkvState, wkv_chunked, wkv_matmul, wkv_reference, wkv_step
 
 LENGTHS = [1, 2, 7, 63, 64, 65, 1000]
 CHUNKS = [1, 7, 16, 64]
@@ -44,14 +45,16 @@ def test_forms_agree_float64(T, with_state):
     assert_same(wkv_step(w, u, k, v, s0), ref, 1e-10)
     for L in CHUNKS:
         assert_same(wkv_chunked(w, u, k, v, s0, chunk_len=L), ref, 1e-10)
+        assert_same(wkv_matmul(w, u, k, v, s0, chunk_len=L), ref, 1e-10)
 
 
+@pytest.mark.parametrize("form", [wkv_chunked, wkv_matmul])
 @pytest.mark.parametrize("split", [1, 5, 31, 32, 33, 99])
-def test_chunked_continues_from_its_own_state(split):
+def test_parallel_forms_continue_from_their_own_state(form, split):
     w, u, k, v, s0 = make_inputs(3, 100, 6, seed=split)
-    whole = wkv_chunked(w, u, k, v, s0, chunk_len=16)
-    out1, s1 = wkv_chunked(w, u, k[:, :split], v[:, :split], s0, chunk_len=16)
-    out2, s2 = wkv_chunked(w, u, k[:, split:], v[:, split:], s1, chunk_len=16)
+    whole = form(w, u, k, v, s0, chunk_len=16)
+    out1, s1 = form(w, u, k[:, :split], v[:, :split], s0, chunk_len=16)
+    out2, s2 = form(w, u, k[:, split:], v[:, split:], s1, chunk_len=16)
     assert_same((torch.cat([out1, out2], 1), s2), whole, 1e-12)
 
 
@@ -78,19 +81,21 @@ def test_fp32_is_stable_with_extreme_keys_and_decays():
     assert k.abs().max() > 80
     ref = wkv_reference(w, u, k, v, s0)
     f32 = [x.float() for x in (w, u, k, v)]
-    for form, tol in ((wkv_step, 1e-3), (lambda *a: wkv_chunked(*a, chunk_len=64), 2e-5)):
+    for form, tol in ((wkv_step, 1e-3), (lambda *a: wkv_chunked(*a, chunk_len=64), 2e-5),
+                      (lambda *a: wkv_matmul(*a, chunk_len=16), 2e-5)):
         out, s = form(*f32, None)
         assert torch.isfinite(out).all() and all(torch.isfinite(x).all() for x in s)
         assert rel_err(out.double(), ref[0]) < tol
         assert rel_err(s.max.double(), ref[1].max) < tol
 
 
-def test_gradcheck_chunked():
+@pytest.mark.parametrize("form", [wkv_chunked, wkv_matmul])
+def test_gradcheck_parallel_forms(form):
     w, u, k, v, s0 = make_inputs(2, 7, 3, seed=1)
     inputs = [x.clone().requires_grad_() for x in (w, u, k, v, *s0)]
 
     def f(w, u, k, v, num, den, mx):
-        out, s = wkv_chunked(w, u, k, v, WkvState(num, den, mx), chunk_len=3)
+        out, s = form(w, u, k, v, WkvState(num, den, mx), chunk_len=3)
         return out, *s
 
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-6)
@@ -113,7 +118,7 @@ def test_gradients_match_reference(T, L):
         return torch.autograd.grad(loss, leaves)
 
     ref = grads(wkv_reference)
-    for form in (wkv_step, lambda *a: wkv_chunked(*a, chunk_len=L)):
+    for form in (wkv_step, lambda *a: wkv_chunked(*a, chunk_len=L), lambda *a: wkv_matmul(*a, chunk_len=L)):
         for name, got, exp in zip(["w", "u", "k", "v", "num", "den", "max"], grads(form), ref):
             assert rel_err(got, exp) < 1e-9, name
 
@@ -122,6 +127,7 @@ def test_inputs_are_not_modified():
     w, u, k, v, s0 = make_inputs(2, 20, 4)
     before = [x.clone() for x in (w, u, k, v, *s0)]
     wkv_chunked(w, u, k, v, s0, chunk_len=8)
+    wkv_matmul(w, u, k, v, s0, chunk_len=8)
     wkv_step(w, u, k, v, s0)
     for x, y in zip((w, u, k, v, *s0), before):
         assert torch.equal(x, y)
@@ -129,5 +135,21 @@ def test_inputs_are_not_modified():
 
 def test_chunk_len_must_be_positive():
     w, u, k, v, s0 = make_inputs(1, 4, 2)
-    with pytest.raises(ValueError, match="chunk_len"):
-        wkv_chunked(w, u, k, v, s0, chunk_len=0)
+    for form in (wkv_chunked, wkv_matmul):
+        with pytest.raises(ValueError, match="chunk_len"):
+            form(w, u, k, v, s0, chunk_len=0)
+
+
+def test_matmul_form_falls_back_only_where_its_scale_underflows(monkeypatch):
+    """Keys spanning ~160 nats in fp32 underflow the one-scale-per-row sums: the chunked form
+    answers instead (and is exact); keys of ordinary range never take the fallback."""
+    calls = []
+    chunked = wkv_module.wkv_chunked
+    monkeypatch.setattr(wkv_module, "wkv_chunked", lambda *a, **kw: calls.append(1) or chunked(*a, **kw))
+    for k_std, expect in ((3.0, []), (25.0, [1])):
+        calls.clear()
+        w, u, k, v, s0 = make_inputs(2, 300, 8, seed=4, k_std=k_std, state=False)
+        ref = wkv_reference(w, u, k, v, s0)
+        out, _ = wkv_matmul(*(x.float() for x in (w, u, k, v)), None, chunk_len=16)
+        assert calls == expect
+        assert rel_err(out.double(), ref[0]) < 2e-5

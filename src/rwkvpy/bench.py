@@ -178,27 +178,27 @@ def peak_rss(path, kind: str, decode_tokens: int = 32) -> int:
     return int(out.stdout.split()[-1])
 
 
-@torch.no_grad()
-def long_context_rss(path, kind: str, total: int, near: int = 1000, chunk: int = 1024) -> tuple[int, int]:
-    """RSS while decoding after ``near`` and after ``total`` tokens of context (prefilled in
-    chunks), in this process."""
-    from .loading import load
-
-    model = load(path, **KINDS[kind])
-    g = torch.Generator().manual_seed(0)
-    V = model.config.vocab_size
-    state, done, rss = None, 0, []
-    with tqdm(total=total, desc=f"context ({kind})", unit="tok", leave=False) as bar:
-        for target in (near, total):
-            while done < target:
-                n = min(chunk, target - done)
-                _, state = model(torch.randint(0, V, (1, n), generator=g), state, last_only=True)
-                done += n
-                bar.update(n)
-            for _ in range(16):
-                _, state = model.step(torch.randint(0, V, (1,), generator=g), state)
-            rss.append(current_rss())
-    return rss[0], rss[1]
+def long_context_rss(path, kind: str, total: int, near: int = 1000) -> tuple[int, int]:
+    """RSS (bytes) of a fresh process decoding after ``near`` and after ``total`` tokens of
+    context (prefilled in chunks of 1024), so nothing else measured here is counted."""
+    code = ("import sys, torch, rwkvpy\n"
+            "from rwkvpy.bench import KINDS, current_rss\n"
+            "m = rwkvpy.load(sys.argv[1], **KINDS[sys.argv[2]])\n"
+            "g = torch.Generator().manual_seed(0)\n"
+            "V, state, done = m.config.vocab_size, None, 0\n"
+            "with torch.no_grad():\n"
+            "    for target in (int(sys.argv[3]), int(sys.argv[4])):\n"
+            "        while done < target:\n"
+            "            n = min(1024, target - done)\n"
+            "            _, state = m(torch.randint(0, V, (1, n), generator=g), state, last_only=True)\n"
+            "            done += n\n"
+            "        for _ in range(16):\n"
+            "            _, state = m.step(torch.randint(0, V, (1,), generator=g), state)\n"
+            "        print(current_rss(), flush=True)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(path), kind, str(near), str(total)],
+                         capture_output=True, text=True, check=True)
+    first, second = (int(x) for x in out.stdout.split()[-2:])
+    return first, second
 
 
 def run(path, kinds=("fp32", "bf16", "int8"), batches=(1, 16, 64), prompt: int = 1024,
@@ -272,6 +272,7 @@ def run(path, kinds=("fp32", "bf16", "int8"), batches=(1, 16, 64), prompt: int =
         result["ratios"][kind] = ratios
         result["peak_rss_mib"][kind] = peak_rss(path, kind) / 2**20
     if long_context:
+        log(f"RSS after {long_context:,} tokens of context ({kinds[0]}, fresh process; minutes)")
         near, far = long_context_rss(path, kinds[0], long_context)
         result["long_context"] = {"kind": kinds[0], "tokens": long_context, "rss_mib_at_1000": near / 2**20,
                                   f"rss_mib_at_{long_context}": far / 2**20, "ratio": far / near}

@@ -21,6 +21,9 @@ Forms, all ``(w, u, k, v, state) -> (out, new_state)`` with ``k, v`` of shape (B
     wkv_chunked    the parallel form: exact within chunks of ``chunk_len`` tokens (all chunks
                    at once); the state entering each chunk in closed form from the chunks'
                    summaries; groups of chunks follow each other; autograd-safe
+    wkv_matmul     the parallel form as matrix products with one scale per row and channel
+                   (training: its backward is a few products); falls back to wkv_chunked when
+                   keys span too many nats for that scale
     wkv_step       the recurrent form, one token at a time (``wkv_token``: the decode path)
 
 Arithmetic happens in the dtype of ``k`` (callers pass fp32 or fp64; never half precision).
@@ -175,3 +178,66 @@ def wkv_chunked(
         outs.append(out.reshape(B, n * length, C))
         pos = end
     return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0], s
+
+
+def _decay_matrix(w: Tensor, n: int, step: int = 1) -> Tensor:
+    """(C, n, n): e^{(t - 1 - i) step w} where i < t, else 0 (the strictly causal decays)."""
+    t = torch.arange(n, device=w.device, dtype=w.dtype)
+    lag = t[:, None] - 1 - t[None, :]  # (n, n)
+    logd = torch.where(lag >= 0, lag * (step * w[:, None, None]), float("-inf"))
+    return torch.exp(logd)
+
+
+def wkv_matmul(
+    w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WkvState | None = None, chunk_len: int = 64
+):
+    """Parallel form as matrix products: one scale per row and channel instead of one per term.
+
+    With m = max_t (k_t + max(u, 0)) over the whole sequence (and the state's max), every term
+    e^{(t-1-i) w + k_i - m} factors into a decay e^{(t-1-i) w} <= 1 and e^{k_i - m} <= 1, so the
+    sums become products of a (C, L, L) decay matrix with the sequence (chunks of ``chunk_len``;
+    chunk to chunk the same with an (N, N) matrix). Nothing overflows; if a denominator falls
+    below the normal range (keys spanning more than ~80 nats within one sequence) the result
+    comes from :func:`wkv_chunked` instead. The final state is exact, as in every form.
+    """
+    if chunk_len < 1:
+        raise ValueError(f"chunk_len must be >= 1, got {chunk_len}")
+    s = _initial(state, k)
+    B, T, C = k.shape
+    L = min(chunk_len, T)
+    N = -(-T // L)
+    m = torch.maximum(k.amax(1) + u.clamp_min(0), s.max).detach()  # (B, C)
+    ek = torch.exp(k - m[:, None])
+    z = torch.stack([ek * v, ek])  # (2, B, T, C)
+    if N * L != T:
+        z = torch.nn.functional.pad(z, (0, 0, 0, N * L - T))
+    # Channels first, so each channel's decays multiply all its rows at once: (C, L, N * 2B).
+    zc = z.view(2 * B, N, L, C).permute(3, 2, 1, 0).reshape(C, L, N * 2 * B)
+    within = torch.bmm(_decay_matrix(w, L), zc)  # (C, L, N * 2B)
+    # State entering each chunk: the summaries of earlier chunks and the initial state, decayed.
+    t = torch.arange(L, device=k.device, dtype=k.dtype)
+    to_end = torch.exp((L - 1 - t) * w[:, None])[:, None]  # (C, 1, L)
+    summary = torch.bmm(to_end, zc).view(C, N, 2 * B)
+    z0 = (torch.exp(s.max - m)[None] * torch.stack([s.num, s.den])).reshape(2 * B, C).t()  # (C, 2B)
+    n = torch.arange(N, device=k.device, dtype=k.dtype)
+    enter = torch.bmm(_decay_matrix(w, N, L), summary) + torch.exp(n * (L * w[:, None]))[..., None] * z0[:, None]
+    from_start = torch.exp(t * w[:, None])[:, :, None, None]  # (C, L, 1, 1)
+    total = within.view(C, L, N, 2 * B) + from_start * enter[:, None]  # (C, L, N, 2B)
+    total = total.permute(3, 2, 1, 0).reshape(2, B, N * L, C)[:, :, :T]
+    eu = torch.exp(u + k - m[:, None])
+    den = total[1] + eu
+    if not torch.compiler.is_compiling() and bool((den < torch.finfo(k.dtype).tiny * 1e8).any()):
+        return wkv_chunked(w, u, k, v, state, chunk_len=4)
+    out = (total[0] + eu * v) / den
+    return out, _final_state(w, k, v, s)
+
+
+def _final_state(w: Tensor, k: Tensor, v: Tensor, s: WkvState) -> WkvState:
+    """The state after the whole sequence, scaled by the exact log of its largest term."""
+    T = k.shape[1]
+    lag = torch.arange(T - 1, -1, -1, device=k.device, dtype=k.dtype)[:, None]  # T - 1 - i
+    logs = lag * w + k  # (B, T, C)
+    log_old = s.max + T * w
+    p = torch.maximum(logs.amax(1), log_old)
+    e, e0 = torch.exp(logs - p[:, None]), torch.exp(log_old - p)
+    return WkvState(e0 * s.num + (e * v).sum(1), e0 * s.den + e.sum(1), p)
