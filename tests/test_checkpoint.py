@@ -302,3 +302,13 @@ def test_written_files_get_the_usual_permissions(tmp_path, sd):
     os.umask(umask)
     write_pth(sd, tmp_path / "m.pth")
     assert (tmp_path / "m.pth").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_loaded_model_is_ready_for_inference(tmp_path):
+    """load() returns a model that builds no autograd graph, even outside torch.no_grad()."""
+    path = tmp_path / "m.pth"
+    write_pth(random_state_dict(CFG), path)
+    model = rwkvpy.load(path)
+    assert not any(p.requires_grad for p in model.parameters())
+    logits, state = model(torch.tensor([[1, 2, 3]]))
+    assert logits.grad_fn is None and state.num.grad_fn is None

@@ -91,6 +91,7 @@ def current_rss() -> int:
 
 
 def _decode_fn(step, state, tokens):
+    @torch.no_grad()  # as the peers decode (rwkv and transformers are timed under no_grad)
     def run():
         s = state
         for t in tokens:
@@ -111,8 +112,8 @@ def rwkvpy_tasks(path, kind: str, batches, prompt, decode_tokens, repeats, g) ->
             tasks.append(Task(f"rwkvpy {kind} decode batch {B}", _decode_fn(model.step, state, toks),
                               B * decode_tokens, repeats))
         ids = torch.randint(0, V, (1, prompt), generator=g)
-        tasks.append(Task(f"rwkvpy {kind} prefill {prompt}", lambda: model(ids, last_only=True), prompt,
-                          repeats))
+        tasks.append(Task(f"rwkvpy {kind} prefill {prompt}", torch.no_grad()(lambda: model(ids, last_only=True)),
+                          prompt, repeats))
     return tasks, bytes_per_token(model)
 
 

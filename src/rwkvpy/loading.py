@@ -49,6 +49,11 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu",
     matrices are stored (activations are fp32); ``quantize="int8"`` stores the projections
     as int8 with per-row scales. Raises ``CheckpointError`` (one line naming the file, key
     and shapes) on anything unusable.
+
+    The model is ready for inference: eval mode, and no parameter requires grad, so calls
+    build no autograd graph and take the fast no-grad kernels even outside ``torch.no_grad()``
+    (``model.requires_grad_(True)`` to fine-tune).
     """
     cfg, sd, _ = read_checkpoint(path)
-    return build_model(cfg, sd, dtype=parse_dtype(dtype), device=device, quantize=quantize)
+    model = build_model(cfg, sd, dtype=parse_dtype(dtype), device=device, quantize=quantize)
+    return model.requires_grad_(False)

@@ -35,7 +35,7 @@ from .state import RWKV4State
 # small ops) shrinks with it; on a CPU the arithmetic dominates (4 was fastest for prefill), on a
 # GPU kernel launches do. Training: the matrix-product form, whose backward is a few products
 # instead of the chunked form's many elementwise ops (1.2x faster steps at 4 x 128, 1.08x at
-# 6 x 512, chunks of 16).
+# 6 x 512, chunks of 16), unless compiled.
 CHUNK_LEN_CPU = 4
 CHUNK_LEN_ACCELERATOR = 64
 TRAIN_CHUNK_LEN = 16
@@ -233,7 +233,8 @@ class RWKV4(nn.Module):
 
 def parallel_wkv(training: bool, device_type: str, chunk_len: int | None = None):
     """The WKV form for sequences: (w, u, k, v, state) -> (out, state)."""
-    if training:
+    # Compiled, the chunked form's elementwise ops fuse and it stayed ahead (docs/benchmarks.md).
+    if training and not torch.compiler.is_compiling():
         return functools.partial(wkv_matmul, chunk_len=chunk_len or TRAIN_CHUNK_LEN)
     default = CHUNK_LEN_CPU if device_type == "cpu" else CHUNK_LEN_ACCELERATOR
     return functools.partial(wkv_chunked, chunk_len=chunk_len or default)
