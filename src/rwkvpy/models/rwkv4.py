@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..errors import RwkvpyError
 from ..ops.linear import Int8Linear, Linear, quantize_int8
 from ..ops.shift import time_mix, token_shift
-from ..ops.wkv import WkvState, wkv_chunked, wkv_matmul, wkv_step, wkv_token
+from ..ops.wkv import WkvState, wkv_chunked, wkv_matmul, wkv_token
 from .config import PROJECTIONS, SCALE_SUFFIX, RWKV4Config, is_quantized
 from .state import RWKV4State
 
@@ -69,8 +69,6 @@ class TimeMix(nn.Module):
         u = self.time_first.to(xx.dtype)
         if xx.dim() == 2:
             y, s = wkv_token(w, u, k, v, s)
-        elif xx.shape[1] == 1:
-            y, s = wkv_step(w, u, k, v, s)
         else:
             y, s = parallel_wkv(w, u, k, v, s)
         return self.output(r * y), _last(xx), s
