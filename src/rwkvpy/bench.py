@@ -174,9 +174,7 @@ def peak_rss(path, kind: str, decode_tokens: int = 32) -> int:
             f"    for _ in range({decode_tokens}): _, s = m.step(torch.tensor([1]), s)\n"
             "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
             "print(int(hwm.split()[1]) * 1024)\n")
-    out = subprocess.run([sys.executable, "-c", code, str(path), kind], capture_output=True, text=True,
-                         check=True)
-    return int(out.stdout.split()[-1])
+    return int(_fresh_process(code, path, kind)[-1])
 
 
 def long_context_rss(path, kind: str, total: int, near: int = 1000) -> tuple[int, int]:
@@ -196,10 +194,15 @@ def long_context_rss(path, kind: str, total: int, near: int = 1000) -> tuple[int
             "        for _ in range(16):\n"
             "            _, state = m.step(torch.randint(0, V, (1,), generator=g), state)\n"
             "        print(current_rss(), flush=True)\n")
-    out = subprocess.run([sys.executable, "-c", code, str(path), kind, str(near), str(total)],
-                         capture_output=True, text=True, check=True)
-    first, second = (int(x) for x in out.stdout.split()[-2:])
+    first, second = (int(x) for x in _fresh_process(code, path, kind, near, total)[-2:])
     return first, second
+
+
+def _fresh_process(code: str, *args) -> list[str]:
+    """Run ``code`` in a new Python process; the words it printed."""
+    out = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                         check=True)
+    return out.stdout.split()
 
 
 def run(path, kinds=("fp32", "bf16", "int8"), batches=(1, 16, 64), prompt: int = 1024,

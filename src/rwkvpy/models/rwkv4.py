@@ -179,8 +179,8 @@ class RWKV4(nn.Module):
                 f"state has batch {state.batch_size} and {state.n_layer} layers; "
                 f"tokens have batch {B} and the model {self.config.n_layer} layers"
             )
-        wkv = parallel_wkv(torch.is_grad_enabled(), self.device.type, self.chunk_len)
         one_token = tokens.shape[1] == 1  # decoding: (B, C) activations, fewer ops per token
+        wkv = None if one_token else parallel_wkv(torch.is_grad_enabled(), self.device.type, self.chunk_len)
         x = self.emb(tokens[:, 0] if one_token else tokens).to(self.activation_dtype)
         new = {name: [] for name in ("att_x", "ffn_x", "num", "den", "max")}
         for i, block in enumerate(self.blocks):

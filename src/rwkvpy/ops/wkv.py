@@ -105,12 +105,7 @@ def wkv_reference(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WkvState | 
     p = torch.maximum(logw.amax(dim=2), log_state)
     ew, es = torch.exp(logw - p[:, :, None]), torch.exp(log_state - p)
     out = (es * s0.num[:, None] + (ew * v[:, None]).sum(2)) / (es * s0.den[:, None] + ew.sum(2))
-    # Final state: terms (T - 1 - i) w + k_i for every token, and max_0 + T w for the old state.
-    logs = (T - 1 - t)[:, None] * w + k  # (B, T, C)
-    log_old = s0.max + T * w
-    m = torch.maximum(logs.amax(dim=1), log_old)
-    es, ew = torch.exp(log_old - m), torch.exp(logs - m[:, None])
-    return out, WkvState(es * s0.num + (ew * v).sum(1), es * s0.den + ew.sum(1), m)
+    return out, _final_state(w, k, v, s0)
 
 
 def _chunk_group(w: Tensor, u: Tensor, k: Tensor, v: Tensor, s: WkvState):
@@ -233,7 +228,8 @@ def wkv_matmul(
 
 
 def _final_state(w: Tensor, k: Tensor, v: Tensor, s: WkvState) -> WkvState:
-    """The state after the whole sequence, scaled by the exact log of its largest term."""
+    """The state after the whole sequence, scaled by the exact log of its largest term: terms
+    (T - 1 - i) w + k_i for every token, and max_0 + T w for the incoming state."""
     T = k.shape[1]
     lag = torch.arange(T - 1, -1, -1, device=k.device, dtype=k.dtype)[:, None]  # T - 1 - i
     logs = lag * w + k  # (B, T, C)
