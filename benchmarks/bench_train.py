@@ -61,7 +61,7 @@ def models(size: dict, compile_ours: bool):
     for label, model in (("rwkvpy RWKV-4", build_model(cfg, official_init(cfg)).train()),
                          ("rwkvpy GPT", GPT(GPTConfig(V, L, max(1, C // 64), C, ctx)).train())):
         run = torch.compile(model) if compile_ours else model
-        yield label, model, lambda m, x, run=run: run(x)[0]
+        yield label, model, lambda m, x, run=run: run(x, return_state=False)[0]  # as the trainer
     hf = RwkvForCausalLM(RwkvConfig(vocab_size=V, hidden_size=C, num_hidden_layers=L,
                                     intermediate_size=int(3.5 * C), context_length=ctx)).train()
     yield "HF RwkvForCausalLM", hf, lambda m, x: m(x, use_cache=False).logits

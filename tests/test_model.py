@@ -139,6 +139,20 @@ def test_last_only_returns_the_last_position():
     assert_states_close(s1, s2, 0.0)
 
 
+def test_training_forms_equal_inference_forms():
+    """With grad enabled the model runs the matrix-product WKV on channels-first projections and
+    may skip the state; the logits are those of the inference path."""
+    model = make_model(SHAPE_ATT)
+    toks = tokens_for(SHAPE_ATT)
+    with torch.no_grad():
+        ref, _ = model(toks)
+    logits, state = model(toks, return_state=False)
+    assert state is None and logits.requires_grad
+    assert rel_err(logits.detach(), ref) < 1e-5
+    logits, state = model(toks)
+    assert rel_err(logits.detach(), ref) < 1e-5 and state.batch_size == 3
+
+
 def test_bad_inputs_are_named():
     model = make_model(SHAPE_ATT)
     with pytest.raises(RwkvpyError, match="token id 50 is outside"):

@@ -178,11 +178,11 @@ def test_model_gradients_equal_reference(monkeypatch, chunk_len):
         torch.nn.functional.cross_entropy(logits.reshape(-1, 40), x.roll(-1, 1).reshape(-1)).backward()
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    assert rwkv4.parallel_wkv(True, "cpu").func is rwkv4.wkv_matmul
+    assert rwkv4.parallel_wkv(True, "cpu").run.func is rwkv4.wkv_matmul
     forms = {"matmul": grads()}
-    monkeypatch.setattr(rwkv4, "wkv_matmul", functools.partial(wkv_chunked))
+    monkeypatch.setattr(rwkv4, "wkv_matmul", lambda *a, chunk_len, **_: wkv_chunked(*a, chunk_len=chunk_len))
     forms["chunked"] = grads()
-    monkeypatch.setattr(rwkv4, "wkv_matmul", lambda w, u, k, v, s, chunk_len: wkv_reference(w, u, k, v, s))
+    monkeypatch.setattr(rwkv4, "wkv_matmul", lambda w, u, k, v, s, **_: wkv_reference(w, u, k, v, s))
     reference = grads()
     for form, got in forms.items():
         for name in got:

@@ -123,6 +123,34 @@ def test_gradients_match_reference(T, L):
             assert rel_err(got, exp) < 1e-9, name
 
 
+def test_matmul_form_is_the_same_function_in_either_memory_layout():
+    """The model hands k, v to the training form stored channels first ((C, B, T) memory); outputs
+    and every gradient equal those from ordinary (B, T, C) tensors, and the layout carries over."""
+    w, u, k, v, s0 = make_inputs(2, 37, 5, seed=11)
+    g_out = torch.randn(k.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def run(layout):
+        leaves = [x.clone().requires_grad_() for x in (w, u, *s0)]
+        kv = [layout(x).requires_grad_() for x in (k, v)]
+        out, s = wkv_matmul(leaves[0], leaves[1], *kv, WkvState(*leaves[2:]), chunk_len=8)
+        loss = (out * g_out).sum() + sum(x.sum() for x in s)
+        return out, torch.autograd.grad(loss, [*leaves, *kv])
+
+    out_a, grads_a = run(lambda x: x.clone())
+    out_b, grads_b = run(lambda x: x.permute(2, 0, 1).contiguous().permute(1, 2, 0))
+    assert out_b.permute(2, 0, 1).is_contiguous()
+    assert rel_err(out_b, out_a) < 1e-14
+    for a, b in zip(grads_a, grads_b):
+        assert rel_err(b, a) < 1e-14
+
+
+def test_matmul_form_can_skip_the_final_state():
+    w, u, k, v, s0 = make_inputs(2, 20, 4)
+    out, s = wkv_matmul(w, u, k, v, s0, chunk_len=8, final_state=False)
+    assert s is None
+    assert torch.equal(out, wkv_matmul(w, u, k, v, s0, chunk_len=8)[0])
+
+
 def test_inputs_are_not_modified():
     w, u, k, v, s0 = make_inputs(2, 20, 4)
     before = [x.clone() for x in (w, u, k, v, *s0)]

@@ -70,7 +70,7 @@ class GPT(nn.Module):
                     std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith("proj.weight") else 0.02
                     p.copy_(torch.randn(p.shape, generator=g) * std)
 
-    def forward(self, tokens: Tensor, state=None) -> tuple[Tensor, None]:
+    def forward(self, tokens: Tensor, state=None, *, return_state: bool = True) -> tuple[Tensor, None]:
         """tokens (B, T) -> logits (B, T, V). No recurrent state: each call sees only its window."""
         T = tokens.shape[1]
         x = self.wte(tokens) + self.wpe(torch.arange(T, device=tokens.device))

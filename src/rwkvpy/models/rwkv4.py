@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -56,21 +57,23 @@ class TimeMix(nn.Module):
         self.receptance = Linear(C, A)
         self.output = Linear(A, C)
 
-    def forward(self, xx: Tensor, last_x: Tensor, s: WkvState, parallel_wkv):
+    def forward(self, xx: Tensor, last_x: Tensor, s: WkvState, form: WkvForm | None):
         """xx (B, T, C), or (B, C) for one token -> (output like xx, last input, WKV state)."""
         shifted = token_shift(xx, last_x)
         xk, xv, xr = time_mix(xx, shifted, self.time_mix_k, self.time_mix_v, self.time_mix_r)
-        k, v, r = self.key(xk), self.value(xv), torch.sigmoid(self.receptance(xr))
+        cf = form is not None and form.channels_first
+        k, v = self.key(xk, channels_first=cf), self.value(xv, channels_first=cf)
+        r = torch.sigmoid(self.receptance(xr, channels_first=cf))
         # The WKV sums run in the activations' dtype (fp32 at least): exp(k) and the state
         # overflow half precision, which autocast would otherwise give k and v.
         if k.dtype != xx.dtype:
             k, v = k.to(xx.dtype), v.to(xx.dtype)
         w = -torch.exp(self.time_decay.to(xx.dtype))
         u = self.time_first.to(xx.dtype)
-        if xx.dim() == 2:
+        if form is None:
             y, s = wkv_token(w, u, k, v, s)
         else:
-            y, s = parallel_wkv(w, u, k, v, s)
+            y, s = form.run(w, u, k, v, s)
         return self.output(r * y), _last(xx), s
 
 
@@ -164,11 +167,14 @@ class RWKV4(nn.Module):
         return self._fingerprint
 
     def forward(
-        self, tokens: Tensor, state: RWKV4State | None = None, *, last_only: bool = False
-    ) -> tuple[Tensor, RWKV4State]:
+        self, tokens: Tensor, state: RWKV4State | None = None, *, last_only: bool = False,
+        return_state: bool = True,
+    ) -> tuple[Tensor, RWKV4State | None]:
         """tokens (B, T) -> logits (B, T, V) (or (B, 1, V) with ``last_only``), new state.
 
         ``state`` is not modified. Each row of the batch is an independent sequence.
+        ``return_state=False`` returns None for the state and skips computing it where it can
+        (training on windows).
         """
         tokens = self._check_tokens(tokens)
         B = tokens.shape[0]
@@ -180,7 +186,8 @@ class RWKV4(nn.Module):
                 f"tokens have batch {B} and the model {self.config.n_layer} layers"
             )
         one_token = tokens.shape[1] == 1  # decoding: (B, C) activations, fewer ops per token
-        wkv = None if one_token else parallel_wkv(torch.is_grad_enabled(), self.device.type, self.chunk_len)
+        wkv = None if one_token else parallel_wkv(torch.is_grad_enabled(), self.device.type, self.chunk_len,
+                                                  final_state=return_state)
         x = self.emb(tokens[:, 0] if one_token else tokens).to(self.activation_dtype)
         new = {name: [] for name in ("att_x", "ffn_x", "num", "den", "max")}
         for i, block in enumerate(self.blocks):
@@ -190,13 +197,16 @@ class RWKV4(nn.Module):
             x = x + out
             out, ffn_x = block.ffn(block.ln2(x), state.ffn_x[i])
             x = x + out
-            for name, value in zip(new, (att_x, ffn_x, *s)):
-                new[name].append(value if value.dtype == torch.float32 else value.float())
+            if return_state:
+                for name, value in zip(new, (att_x, ffn_x, *s)):
+                    new[name].append(value if value.dtype == torch.float32 else value.float())
         if one_token:
             x = x.unsqueeze(1)
         elif last_only:
             x = x[:, -1:]
         logits = self.head(self.ln_out(x))
+        if not return_state:
+            return logits, None
         layers = {k: torch.stack(v) for k, v in new.items()}
         return logits, RWKV4State(**layers, pos=state.pos + tokens.shape[1], model_id=state.model_id)
 
@@ -229,13 +239,22 @@ class RWKV4(nn.Module):
         save_native(self.config, self.state_dict(), path)
 
 
-def parallel_wkv(training: bool, device_type: str, chunk_len: int | None = None):
-    """The WKV form for sequences: (w, u, k, v, state) -> (out, state)."""
+class WkvForm(NamedTuple):
+    """The WKV form for sequences, ``run(w, u, k, v, state) -> (out, state)``, and whether it is
+    fastest with k, v (and so r, y) stored channels first (memory (C, B, T))."""
+
+    run: Callable
+    channels_first: bool
+
+
+def parallel_wkv(training: bool, device_type: str, chunk_len: int | None = None,
+                 final_state: bool = True) -> WkvForm:
     # Compiled, the chunked form's elementwise ops fuse and it stayed ahead (docs/benchmarks.md).
     if training and not torch.compiler.is_compiling():
-        return functools.partial(wkv_matmul, chunk_len=chunk_len or TRAIN_CHUNK_LEN)
+        run = functools.partial(wkv_matmul, chunk_len=chunk_len or TRAIN_CHUNK_LEN, final_state=final_state)
+        return WkvForm(run, True)
     default = CHUNK_LEN_CPU if device_type == "cpu" else CHUNK_LEN_ACCELERATOR
-    return functools.partial(wkv_chunked, chunk_len=chunk_len or default)
+    return WkvForm(functools.partial(wkv_chunked, chunk_len=chunk_len or default), False)
 
 
 def weights_fingerprint(sd: dict[str, Tensor], samples: int = 4096) -> str:

@@ -78,6 +78,16 @@ def project(x: Tensor, weight: Tensor, scale: Tensor | None = None,
     return F.linear(x, weight.to(x.dtype))
 
 
+def project_channels_first(x: Tensor, weight: Tensor) -> Tensor:
+    """x (B, T, in) -> x W^T as (B, T, out) whose memory is (out, B, T), for sums over time.
+
+    The product W x^T writes that layout at no extra cost, where transposing afterwards is a
+    strided copy (~7x a plain one here); autograd keeps the layout for the gradients.
+    """
+    B, T, n_in = x.shape
+    return torch.mm(weight, x.reshape(B * T, n_in).t()).view(-1, B, T).permute(1, 2, 0)
+
+
 def _project_int8(x: Tensor, q: Tensor, scale: Tensor, scale_bf16: Tensor | None) -> Tensor:
     # torch's kernel crashes (torch 2.13, AVX2) for 2+ rows when in_features is not a multiple of 8
     if (x.device.type == "cpu" and _rows(x) <= INT8_GEMV_MAX_ROWS and q.shape[1] % 8 == 0
@@ -103,7 +113,9 @@ class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, **kwargs):
         super().__init__(in_features, out_features, bias=False, **kwargs)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, channels_first: bool = False) -> Tensor:
+        if channels_first and x.dim() == 3 and x.dtype == self.weight.dtype:
+            return project_channels_first(x, self.weight)
         return project(x, self.weight)
 
 
@@ -118,7 +130,8 @@ class Int8Linear(nn.Module):
         self._scale_source: Tensor | None = None
         self._scale_bf16: Tensor | None = None  # torch's int8 kernel wants the activations' dtype
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, channels_first: bool = False) -> Tensor:
+        """``channels_first`` (a layout preference) is not taken: int8 weights do not train."""
         if self._scale_source is not self.weight_scale:  # new or reloaded scales
             self._scale_source, self._scale_bf16 = self.weight_scale, self.weight_scale.to(torch.bfloat16)
         return project(x, self.weight, self.weight_scale, self._scale_bf16)

@@ -183,8 +183,111 @@ def _decay_matrix(w: Tensor, n: int, step: int = 1) -> Tensor:
     return torch.exp(logd)
 
 
+def _decays(w: Tensor, L: int, N: int) -> dict[str, Tensor]:
+    """The decay factors of chunks of L tokens, N chunks (every exponent <= 0)."""
+    t = torch.arange(L, device=w.device, dtype=w.dtype)
+    n = torch.arange(N, device=w.device, dtype=w.dtype)
+    return {
+        "within": _decay_matrix(w, L),  # (C, L, L): token i to token t of one chunk
+        "across": _decay_matrix(w, N, L),  # (C, N, N): end of chunk j to start of chunk n
+        "to_end": torch.exp((L - 1 - t) * w[:, None]).unsqueeze(2),  # (C, L, 1)
+        "from_start": torch.exp(t * w[:, None]).unsqueeze(1),  # (C, 1, L)
+        "chunk_start": torch.exp(n * (L * w[:, None])).unsqueeze(1),  # (C, 1, N)
+    }
+
+
+def _decayed_sums(d: dict[str, Tensor], z: Tensor, z0: Tensor | None, L: int, adjoint: bool):
+    """The causal decayed sums and their adjoint, for sequences z (C, X, N * L), z0 (C, X).
+
+    sums:    s_t = sum_{i<t} e^{(t-1-i) w} z_i + e^{t w} z0          -> s (C, X, N * L)
+    adjoint: s_i = sum_{t>i} e^{(t-1-i) w} z_t, and sum_t e^{t w} z_t -> s, gradient of z0
+    Within chunks a product with the (L, L) decay matrix, from chunk to chunk with the (N, N)
+    one; the adjoint uses the transposed matrices and swaps the chunk's entry and exit decays.
+    """
+    C, X, T = z.shape
+    N = T // L
+    zl = z.view(C, X * N, L)
+    if not adjoint:
+        within = torch.bmm(zl, d["within"].transpose(1, 2))
+        summary = torch.bmm(zl, d["to_end"]).view(C, X, N)  # each chunk's sum at its end
+        enter = torch.bmm(summary, d["across"].transpose(1, 2))  # entering each chunk
+        if z0 is not None:
+            enter = torch.addcmul(enter, z0.unsqueeze(2), d["chunk_start"])
+        s = torch.baddbmm(within, enter.view(C, X * N, 1), d["from_start"])
+        return s.view(C, X, T), None
+    within = torch.bmm(zl, d["within"])
+    summary = torch.bmm(zl, d["from_start"].transpose(1, 2)).view(C, X, N)  # seen from each chunk's start
+    leave = torch.bmm(summary, d["across"])  # from later chunks, at each chunk's end
+    g0 = torch.bmm(summary, d["chunk_start"].transpose(1, 2)).view(C, X)
+    s = torch.baddbmm(within, leave.view(C, X * N, 1), d["to_end"].transpose(1, 2))
+    return s.view(C, X, T), g0
+
+
+class _WkvMatmul(torch.autograd.Function):
+    """y = (A_t + e^{u+k_t-m} v_t) / (B_t + e^{u+k_t-m}), with (A, B) the decayed sums of
+    (e^{k-m} v, e^{k-m}) and the scaled state z0; work happens channels first, (C, B, T).
+
+    Backward, with p = g / den and q = -p y, and (P, Q) the adjoint sums of (p, q):
+    gv = e^{k-m} P + e^{u+k-m} p,  gk = e^{k-m} (v P + Q) + e^{u+k-m} (v p + q),
+    gu = sum_{b,t} e^{u+k-m} (v p + q),
+    and gw = gu - sum_i (i + 1) gk_i: the output is unchanged by (w + d, k_i + (i + 1) d, u - d),
+    which scales every term of row t by e^{t d}.
+    """
+
+    @staticmethod
+    def forward(ctx, w, u, k, v, m, z0, L: int):
+        B, T, C = k.shape
+        N = -(-T // L)
+        kc, vc = k.permute(2, 0, 1), v.permute(2, 0, 1)  # views (C, B, T)
+        km = torch.sub(kc, m.t().unsqueeze(2), out=k.new_empty(C, B, T))
+        z = k.new_empty(C, 2, B, N * L)
+        if N * L != T:
+            z[..., T:] = 0
+        ek = torch.exp(km, out=z[:, 1, :, :T])
+        torch.mul(ek, vc, out=z[:, 0, :, :T])
+        eu = km.add_(u[:, None, None]).exp_()
+        d = _decays(w, L, N)
+        s, _ = _decayed_sums(d, z.view(C, 2 * B, N * L), z0, L, adjoint=False)
+        s = s.view(C, 2, B, N * L)[..., :T]
+        den = s[:, 1] + eu
+        y = torch.empty_like(k)  # k's memory layout: channels first if k is
+        torch.div(torch.addcmul(s[:, 0], eu, vc), den, out=y.permute(2, 0, 1))
+        underflow = (den < torch.finfo(k.dtype).tiny * 1e8).any()
+        ctx.save_for_backward(v, z, eu, den, y, *d.values())
+        ctx.L, ctx.has_z0 = L, z0 is not None
+        ctx.mark_non_differentiable(underflow)
+        return y, underflow
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g, _):
+        v, z, eu, den, y, *dv = ctx.saved_tensors
+        L = ctx.L
+        C, B, T = den.shape
+        ek, yc = z[:, 1, :, :T], y.permute(2, 0, 1)
+        N = -(-T // L)
+        r = g.new_empty(C, 2, B, N * L)
+        if N * L != T:
+            r[..., T:] = 0
+        p = torch.div(g.permute(2, 0, 1), den, out=r[:, 0, :, :T])
+        q = torch.mul(p, yc, out=r[:, 1, :, :T]).neg_()
+        d = dict(zip(("within", "across", "to_end", "from_start", "chunk_start"), dv))
+        s, g0 = _decayed_sums(d, r.view(C, 2 * B, N * L), None, L, adjoint=True)
+        P, Q = s.view(C, 2, B, N * L)[..., :T].unbind(1)
+        vc = v.permute(2, 0, 1)
+        gv = torch.empty_like(v)
+        gvc = torch.mul(ek, P, out=gv.permute(2, 0, 1)).addcmul_(eu, p)
+        e = torch.addcmul(q, vc, p).mul_(eu)
+        gu = e.sum((1, 2))
+        gk = torch.empty_like(v)
+        gkc = torch.add(torch.addcmul(Q, vc, P).mul_(ek), e, out=gk.permute(2, 0, 1))
+        gw = gu - (gkc @ torch.arange(1, T + 1, dtype=g.dtype, device=g.device)).sum(1)
+        return gw, gu, gk, gv, None, g0 if ctx.has_z0 else None, None
+
+
 def wkv_matmul(
-    w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WkvState | None = None, chunk_len: int = 64
+    w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WkvState | None = None, chunk_len: int = 64,
+    final_state: bool = True,
 ):
     """Parallel form as matrix products: one scale per row and channel instead of one per term.
 
@@ -193,38 +296,23 @@ def wkv_matmul(
     sums become products of a (C, L, L) decay matrix with the sequence (chunks of ``chunk_len``;
     chunk to chunk the same with an (N, N) matrix). Nothing overflows; if a denominator falls
     below the normal range (keys spanning more than ~80 nats within one sequence) the result
-    comes from :func:`wkv_chunked` instead. The final state is exact, as in every form.
+    comes from :func:`wkv_chunked` instead. The backward is written out (:class:`_WkvMatmul`):
+    the adjoint sums are the same products transposed. The final state is exact, as in every form;
+    ``final_state=False`` skips it (training on windows: None instead).
     """
     if chunk_len < 1:
         raise ValueError(f"chunk_len must be >= 1, got {chunk_len}")
     s = _initial(state, k)
     B, T, C = k.shape
-    L = min(chunk_len, T)
-    N = -(-T // L)
     m = torch.maximum(k.amax(1) + u.clamp_min(0), s.max).detach()  # (B, C)
-    ek = torch.exp(k - m[:, None])
-    z = torch.stack([ek * v, ek])  # (2, B, T, C)
-    if N * L != T:
-        z = torch.nn.functional.pad(z, (0, 0, 0, N * L - T))
-    # Channels first, so each channel's decays multiply all its rows at once: (C, L, N * 2B).
-    zc = z.view(2 * B, N, L, C).permute(3, 2, 1, 0).reshape(C, L, N * 2 * B)
-    within = torch.bmm(_decay_matrix(w, L), zc)  # (C, L, N * 2B)
-    # State entering each chunk: the summaries of earlier chunks and the initial state, decayed.
-    t = torch.arange(L, device=k.device, dtype=k.dtype)
-    to_end = torch.exp((L - 1 - t) * w[:, None])[:, None]  # (C, 1, L)
-    summary = torch.bmm(to_end, zc).view(C, N, 2 * B)
-    z0 = (torch.exp(s.max - m)[None] * torch.stack([s.num, s.den])).reshape(2 * B, C).t()  # (C, 2B)
-    n = torch.arange(N, device=k.device, dtype=k.dtype)
-    enter = torch.bmm(_decay_matrix(w, N, L), summary) + torch.exp(n * (L * w[:, None]))[..., None] * z0[:, None]
-    from_start = torch.exp(t * w[:, None])[:, :, None, None]  # (C, L, 1, 1)
-    total = within.view(C, L, N, 2 * B) + from_start * enter[:, None]  # (C, L, N, 2B)
-    total = total.permute(3, 2, 1, 0).reshape(2, B, N * L, C)[:, :, :T]
-    eu = torch.exp(u + k - m[:, None])
-    den = total[1] + eu
-    if not torch.compiler.is_compiling() and bool((den < torch.finfo(k.dtype).tiny * 1e8).any()):
-        return wkv_chunked(w, u, k, v, state, chunk_len=4)
-    out = (total[0] + eu * v) / den
-    return out, _final_state(w, k, v, s)
+    z0 = None
+    if state is not None:
+        z0 = (torch.exp(s.max - m) * torch.stack([s.num, s.den])).permute(2, 0, 1).reshape(C, 2 * B)
+    out, underflow = _WkvMatmul.apply(w, u, k, v, m, z0, min(chunk_len, T))
+    if not torch.compiler.is_compiling() and bool(underflow):
+        out, last = wkv_chunked(w, u, k, v, state, chunk_len=4)
+        return out, last if final_state else None
+    return out, _final_state(w, k, v, s) if final_state else None
 
 
 def _final_state(w: Tensor, k: Tensor, v: Tensor, s: WkvState) -> WkvState:

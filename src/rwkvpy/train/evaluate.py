@@ -18,7 +18,7 @@ def summed_loss(model, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> flo
     device = next(model.parameters()).device
     total = 0.0
     for i in range(0, len(x), batch_size):
-        logits, _ = model(x[i : i + batch_size].to(device))
+        logits, _ = model(x[i : i + batch_size].to(device), return_state=False)
         total += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                  y[i : i + batch_size].reshape(-1).to(device), reduction="sum").item()
     return total

@@ -132,7 +132,7 @@ class _L2Wrap(torch.autograd.Function):
 
 
 def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, arch: str) -> torch.Tensor:
-    logits, _ = model(x)
+    logits, _ = model(x, return_state=False)
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
     return _L2Wrap.apply(loss, logits) if arch == "rwkv4" and torch.is_grad_enabled() else loss
 
