@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import RwkvpyError
+from ..ops.activation import squared_relu
 from ..ops.linear import Int8Linear, Linear, quantize_int8
 from ..ops.shift import time_mix, token_shift
 from ..ops.wkv import WkvState, wkv_chunked, wkv_matmul, wkv_token
@@ -90,7 +91,7 @@ class ChannelMix(nn.Module):
     def forward(self, xx: Tensor, last_x: Tensor):
         shifted = token_shift(xx, last_x)
         xk, xr = time_mix(xx, shifted, self.time_mix_k, self.time_mix_r)
-        k = torch.square(torch.relu(self.key(xk)))
+        k = squared_relu(self.key(xk))
         r = torch.sigmoid(self.receptance(xr))
         return r * self.value(k), _last(xx)
 

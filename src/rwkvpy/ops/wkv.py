@@ -31,6 +31,7 @@ Arithmetic happens in the dtype of ``k`` (callers pass fp32 or fp64; never half 
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -175,52 +176,62 @@ def wkv_chunked(
     return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0], s
 
 
-def _decay_matrix(w: Tensor, n: int, step: int = 1) -> Tensor:
-    """(C, n, n): e^{(t - 1 - i) step w} where i < t, else 0 (the strictly causal decays)."""
-    t = torch.arange(n, device=w.device, dtype=w.dtype)
-    lag = t[:, None] - 1 - t[None, :]  # (n, n)
-    logd = torch.where(lag >= 0, lag * (step * w[:, None, None]), float("-inf"))
-    return torch.exp(logd)
+class _Decays(NamedTuple):
+    """Decay factors of N chunks of L tokens, channels first; every exponent is <= 0."""
+
+    within: Tensor  # (C, L, L): e^{(t-1-i) w} from token i to token t > i of one chunk, else 0
+    across: Tensor  # (C, N, N): e^{(n-1-j) L w} from the end of chunk j to the start of chunk n > j
+    to_end: Tensor  # (C, 1, L): e^{(L-1-i) w} from token i to the end of its chunk
+    from_start: Tensor  # (C, 1, L): e^{t w} from the start of a chunk to its token t
+    chunk_start: Tensor  # (C, 1, N): e^{n L w} from the start of the sequence to chunk n
+    step: Tensor  # (C, 1): e^{w}
 
 
-def _decays(w: Tensor, L: int, N: int) -> dict[str, Tensor]:
-    """The decay factors of chunks of L tokens, N chunks (every exponent <= 0)."""
-    t = torch.arange(L, device=w.device, dtype=w.dtype)
-    n = torch.arange(N, device=w.device, dtype=w.dtype)
-    return {
-        "within": _decay_matrix(w, L),  # (C, L, L): token i to token t of one chunk
-        "across": _decay_matrix(w, N, L),  # (C, N, N): end of chunk j to start of chunk n
-        "to_end": torch.exp((L - 1 - t) * w[:, None]).unsqueeze(2),  # (C, L, 1)
-        "from_start": torch.exp(t * w[:, None]).unsqueeze(1),  # (C, 1, L)
-        "chunk_start": torch.exp(n * (L * w[:, None])).unsqueeze(1),  # (C, 1, N)
-    }
+@functools.lru_cache(maxsize=64)
+def _lags(L: int, N: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The lags of a power table [e^{j w}, j < L; e^{n L w}, n < N; e^{w}; 0] and the indices
+    into it of the within, across and to_end factors, flat (one exp and one gather for all)."""
+    t, n = torch.arange(L), torch.arange(N)
+    none = L + N + 1  # the table's last entry, 0
+    lag, chunk_lag = t[:, None] - 1 - t, n[:, None] - 1 - n
+    index = torch.cat([torch.where(lag >= 0, lag, none).view(-1),
+                       torch.where(chunk_lag >= 0, L + chunk_lag, none).view(-1), L - 1 - t])
+    return torch.cat([t, n * L, torch.ones(1, dtype=t.dtype)]).to(device, dtype), index.to(device)
 
 
-def _decayed_sums(d: dict[str, Tensor], z: Tensor, z0: Tensor | None, L: int, adjoint: bool):
+def _decays(w: Tensor, L: int, N: int) -> _Decays:
+    lags, index = _lags(L, N, w.device, w.dtype)
+    table = torch.nn.functional.pad(torch.exp(w[:, None] * lags), (0, 1))  # (C, L + N + 2)
+    C = w.shape[0]
+    within, across, to_end = table.index_select(1, index).split((L * L, N * N, L), dim=1)
+    return _Decays(within.view(C, L, L), across.view(C, N, N), to_end.view(C, 1, L),
+                   table[:, None, :L], table[:, None, L:L + N], table[:, L + N:L + N + 1])
+
+
+def _decayed_sums(d: _Decays, z: Tensor, z0: Tensor | None, L: int, adjoint: bool):
     """The causal decayed sums and their adjoint, for sequences z (C, X, N * L), z0 (C, X).
 
     sums:    s_t = sum_{i<t} e^{(t-1-i) w} z_i + e^{t w} z0          -> s (C, X, N * L)
     adjoint: s_i = sum_{t>i} e^{(t-1-i) w} z_t, and sum_t e^{t w} z_t -> s, gradient of z0
     Within chunks a product with the (L, L) decay matrix, from chunk to chunk with the (N, N)
     one; the adjoint uses the transposed matrices and swaps the chunk's entry and exit decays.
+    A chunk's own total is one step on from its last (adjoint: first) within-chunk sum.
     """
     C, X, T = z.shape
     N = T // L
-    zl = z.view(C, X * N, L)
+    z4 = z.view(C, X, N, L)
     if not adjoint:
-        within = torch.bmm(zl, d["within"].transpose(1, 2))
-        summary = torch.bmm(zl, d["to_end"]).view(C, X, N)  # each chunk's sum at its end
-        enter = torch.bmm(summary, d["across"].transpose(1, 2))  # entering each chunk
+        within = torch.bmm(z.view(C, X * N, L), d.within.transpose(1, 2)).view(C, X, N, L)
+        summary = torch.addcmul(z4[..., -1], d.step.unsqueeze(2), within[..., -1])  # at each chunk's end
+        enter = torch.bmm(summary, d.across.transpose(1, 2))  # entering each chunk
         if z0 is not None:
-            enter = torch.addcmul(enter, z0.unsqueeze(2), d["chunk_start"])
-        s = torch.baddbmm(within, enter.view(C, X * N, 1), d["from_start"])
-        return s.view(C, X, T), None
-    within = torch.bmm(zl, d["within"])
-    summary = torch.bmm(zl, d["from_start"].transpose(1, 2)).view(C, X, N)  # seen from each chunk's start
-    leave = torch.bmm(summary, d["across"])  # from later chunks, at each chunk's end
-    g0 = torch.bmm(summary, d["chunk_start"].transpose(1, 2)).view(C, X)
-    s = torch.baddbmm(within, leave.view(C, X * N, 1), d["to_end"].transpose(1, 2))
-    return s.view(C, X, T), g0
+            enter = torch.addcmul(enter, z0.unsqueeze(2), d.chunk_start)
+        return within.addcmul_(enter.unsqueeze(3), d.from_start.unsqueeze(1)).view(C, X, T), None
+    within = torch.bmm(z.view(C, X * N, L), d.within).view(C, X, N, L)
+    summary = torch.addcmul(z4[..., 0], d.step.unsqueeze(2), within[..., 0])  # seen from each chunk's start
+    leave = torch.bmm(summary, d.across)  # from later chunks, at each chunk's end
+    g0 = (summary * d.chunk_start).sum(2)
+    return within.addcmul_(leave.unsqueeze(3), d.to_end.unsqueeze(1)).view(C, X, T), g0
 
 
 class _WkvMatmul(torch.autograd.Function):
@@ -252,8 +263,8 @@ class _WkvMatmul(torch.autograd.Function):
         den = s[:, 1] + eu
         y = torch.empty_like(k)  # k's memory layout: channels first if k is
         torch.div(torch.addcmul(s[:, 0], eu, vc), den, out=y.permute(2, 0, 1))
-        underflow = (den < torch.finfo(k.dtype).tiny * 1e8).any()
-        ctx.save_for_backward(v, z, eu, den, y, *d.values())
+        underflow = den.amin() < torch.finfo(k.dtype).tiny * 1e8
+        ctx.save_for_backward(v, z, eu, den, y, *d)
         ctx.L, ctx.has_z0 = L, z0 is not None
         ctx.mark_non_differentiable(underflow)
         return y, underflow
@@ -271,7 +282,7 @@ class _WkvMatmul(torch.autograd.Function):
             r[..., T:] = 0
         p = torch.div(g.permute(2, 0, 1), den, out=r[:, 0, :, :T])
         q = torch.mul(p, yc, out=r[:, 1, :, :T]).neg_()
-        d = dict(zip(("within", "across", "to_end", "from_start", "chunk_start"), dv))
+        d = _Decays(*dv)
         s, g0 = _decayed_sums(d, r.view(C, 2 * B, N * L), None, L, adjoint=True)
         P, Q = s.view(C, 2, B, N * L)[..., :T].unbind(1)
         vc = v.permute(2, 0, 1)
