@@ -84,8 +84,9 @@ def test_int8_products_equal_the_dequantized_product(rows, out, n_in):
     x = torch.randn(rows, n_in)
     with torch.no_grad():
         y = project(x, q, scale)
-    # the fast kernel takes bf16 activations and returns bf16; the other path is plain fp32
-    assert within_rounding(y, x, q.float() * scale[:, None], 2**-8)
+    # The fast kernel takes x and the scale in bf16 and returns bf16: three roundings of relative
+    # 2^-9 each (plus their products). Measured worst case: 1.37 x 2^-8 (a bound of 2^-8 flaked).
+    assert within_rounding(y, x, q.float() * scale[:, None], 3 * 2**-9 + 2**-16)
 
 
 CFG = SHAPES["odd"]

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..errors import RwkvpyError
 from ..ops.activation import squared_relu
 from ..ops.linear import Int8Linear, Linear, quantize_int8
-from ..ops.shift import time_mix, token_shift
+from ..ops.shift import time_mix
 from ..ops.wkv import WkvState, wkv_chunked, wkv_matmul, wkv_token
 from .config import PROJECTIONS, SCALE_SUFFIX, RWKV4Config, is_quantized
 from .state import RWKV4State
@@ -60,8 +60,7 @@ class TimeMix(nn.Module):
 
     def forward(self, xx: Tensor, last_x: Tensor, s: WkvState, form: WkvForm | None):
         """xx (B, T, C), or (B, C) for one token -> (output like xx, last input, WKV state)."""
-        shifted = token_shift(xx, last_x)
-        xk, xv, xr = time_mix(xx, shifted, self.time_mix_k, self.time_mix_v, self.time_mix_r)
+        xk, xv, xr = time_mix(xx, last_x, self.time_mix_k, self.time_mix_v, self.time_mix_r)
         cf = form is not None and form.channels_first
         k, v = self.key(xk, channels_first=cf), self.value(xv, channels_first=cf)
         r = torch.sigmoid(self.receptance(xr, channels_first=cf))
@@ -89,8 +88,7 @@ class ChannelMix(nn.Module):
         self.value = Linear(F_, C)
 
     def forward(self, xx: Tensor, last_x: Tensor):
-        shifted = token_shift(xx, last_x)
-        xk, xr = time_mix(xx, shifted, self.time_mix_k, self.time_mix_r)
+        xk, xr = time_mix(xx, last_x, self.time_mix_k, self.time_mix_r)
         k = squared_relu(self.key(xk))
         r = torch.sigmoid(self.receptance(xr))
         return r * self.value(k), _last(xx)

@@ -177,61 +177,80 @@ def wkv_chunked(
 
 
 class _Decays(NamedTuple):
-    """Decay factors of N chunks of L tokens, channels first; every exponent is <= 0."""
+    """Decay factors of N chunks of L tokens, channels first (every exponent is <= 0), and the
+    derivatives in w (lag e^{lag w}) that the backward needs, marked d_. Names say what carries
+    where: within e^{(t-1-i) w} (token i to token t > i of one chunk, else 0), to_end
+    e^{(L-1-i) w}, from_start e^{t w}, across e^{(n-1-j) L w} (the end of chunk j to the start of
+    chunk n > j), chunk_start e^{n L w}."""
 
-    within: Tensor  # (C, L, L): e^{(t-1-i) w} from token i to token t > i of one chunk, else 0
-    across: Tensor  # (C, N, N): e^{(n-1-j) L w} from the end of chunk j to the start of chunk n > j
-    to_end: Tensor  # (C, 1, L): e^{(L-1-i) w} from token i to the end of its chunk
-    from_start: Tensor  # (C, 1, L): e^{t w} from the start of a chunk to its token t
-    chunk_start: Tensor  # (C, 1, N): e^{n L w} from the start of the sequence to chunk n
-    step: Tensor  # (C, 1): e^{w}
+    within: Tensor  # (C, L, L), [t, i]
+    d_within: Tensor  # (C, L, L)
+    totals: Tensor  # (C, 2, L): to_end, d_to_end (a chunk's total at its end and its derivative)
+    adjoint_totals: Tensor  # (C, 2, L): from_start, d_from_start (the adjoint's, from its start)
+    across: Tensor  # (C, N, N), [n, j]
+    d_across: Tensor  # (C, N, N)
+    chunk_start: Tensor  # (C, 1, N)
+    d_chunk_start: Tensor  # (C, 1, N)
 
 
 @functools.lru_cache(maxsize=64)
-def _lags(L: int, N: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """The lags of a power table [e^{j w}, j < L; e^{n L w}, n < N; e^{w}; 0] and the indices
-    into it of the within, across and to_end factors, flat (one exp and one gather for all)."""
+def _decay_lags(L: int, N: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """For :func:`_decays`: the lags j of a power table e^{j w} (and a last entry 0 for 'none'),
+    the indices into it of every factor, flat, and the weights making them derivatives (lag) or
+    not (1)."""
     t, n = torch.arange(L), torch.arange(N)
-    none = L + N + 1  # the table's last entry, 0
-    lag, chunk_lag = t[:, None] - 1 - t, n[:, None] - 1 - n
-    index = torch.cat([torch.where(lag >= 0, lag, none).view(-1),
-                       torch.where(chunk_lag >= 0, L + chunk_lag, none).view(-1), L - 1 - t])
-    return torch.cat([t, n * L, torch.ones(1, dtype=t.dtype)]).to(device, dtype), index.to(device)
+    lags = torch.cat([t, n * L])
+    none = len(lags)
+    lag, chunk_lag = t[:, None] - 1 - t, n[:, None] - 1 - n  # [t, i], [n, j]
+    within = torch.where(lag >= 0, lag, none)
+    across = torch.where(chunk_lag >= 0, L + chunk_lag, none)
+    to_end, from_start, chunk_start = L - 1 - t, t, L + n
+    parts = [within, within, torch.stack([to_end, to_end]), torch.stack([from_start, from_start]),
+             across, across, chunk_start[None], chunk_start[None]]
+    derivative = [[0], [1], [0, 1], [0, 1], [0], [1], [0], [1]]  # per row, broadcast over columns
+    index = torch.cat([i.reshape(-1) for i in parts])
+    is_d = torch.cat([torch.tensor(d, dtype=torch.bool)[:, None].expand(i.shape[0] if len(d) > 1 else 1, -1)
+                      .expand(i.shape).reshape(-1) for i, d in zip(parts, derivative)])
+    lag_of = torch.cat([lags, torch.zeros(1, dtype=lags.dtype)])[index]
+    weight = torch.where(is_d, lag_of, 1)
+    return lags.to(device, dtype), index.to(device), weight.to(device, dtype)
 
 
 def _decays(w: Tensor, L: int, N: int) -> _Decays:
-    lags, index = _lags(L, N, w.device, w.dtype)
-    table = torch.nn.functional.pad(torch.exp(w[:, None] * lags), (0, 1))  # (C, L + N + 2)
+    """All factors from one exp over the distinct lags and one gather."""
+    lags, index, weight = _decay_lags(L, N, w.device, w.dtype)
+    table = torch.constant_pad_nd(torch.exp(w[:, None] * lags), (0, 1))
+    flat = table.index_select(1, index).mul_(weight)
     C = w.shape[0]
-    within, across, to_end = table.index_select(1, index).split((L * L, N * N, L), dim=1)
-    return _Decays(within.view(C, L, L), across.view(C, N, N), to_end.view(C, 1, L),
-                   table[:, None, :L], table[:, None, L:L + N], table[:, L + N:L + N + 1])
+    shapes = [(L, L), (L, L), (2, L), (2, L), (N, N), (N, N), (1, N), (1, N)]
+    parts = flat.split([a * b for a, b in shapes], dim=1)
+    return _Decays(*(x.view(C, *shape) for x, shape in zip(parts, shapes)))
 
 
 def _decayed_sums(d: _Decays, z: Tensor, z0: Tensor | None, L: int, adjoint: bool):
     """The causal decayed sums and their adjoint, for sequences z (C, X, N * L), z0 (C, X).
 
-    sums:    s_t = sum_{i<t} e^{(t-1-i) w} z_i + e^{t w} z0          -> s (C, X, N * L)
-    adjoint: s_i = sum_{t>i} e^{(t-1-i) w} z_t, and sum_t e^{t w} z_t -> s, gradient of z0
-    Within chunks a product with the (L, L) decay matrix, from chunk to chunk with the (N, N)
-    one; the adjoint uses the transposed matrices and swaps the chunk's entry and exit decays.
-    A chunk's own total is one step on from its last (adjoint: first) within-chunk sum.
+    sums:    s_t = sum_{i<t} e^{(t-1-i) w} z_i + e^{t w} z0   -> s (C, X, N * L); per chunk (C, X, N):
+             its total at its end, that total's derivative in w, and what enters the chunk
+    adjoint: s_i = sum_{t>i} e^{(t-1-i) w} z_t                -> s; per chunk: its total seen from
+             its start, that total's derivative in w, and what reaches its end from later chunks
+    Within chunks a product with the (L, L) decay matrix; chunk to chunk with the (N, N) one;
+    the adjoint uses the transposed matrices and swaps the chunk's entry and exit decays.
     """
     C, X, T = z.shape
     N = T // L
-    z4 = z.view(C, X, N, L)
-    if not adjoint:
-        within = torch.bmm(z.view(C, X * N, L), d.within.transpose(1, 2)).view(C, X, N, L)
-        summary = torch.addcmul(z4[..., -1], d.step.unsqueeze(2), within[..., -1])  # at each chunk's end
-        enter = torch.bmm(summary, d.across.transpose(1, 2))  # entering each chunk
+    zl = z.view(C, X * N, L)
+    within = torch.bmm(zl, d.within if adjoint else d.within.transpose(1, 2)).view(C, X, N, L)
+    totals = torch.bmm(d.adjoint_totals if adjoint else d.totals, zl.transpose(1, 2))  # (C, 2, X N)
+    total, d_total = totals[:, 0].view(C, X, N), totals[:, 1].view(C, X, N)
+    if adjoint:  # from later chunks, at each chunk's end
+        carried, decay = torch.bmm(total, d.across), d.totals[:, :1]
+    else:  # entering each chunk
+        carried, decay = torch.bmm(total, d.across.transpose(1, 2)), d.adjoint_totals[:, :1]
         if z0 is not None:
-            enter = torch.addcmul(enter, z0.unsqueeze(2), d.chunk_start)
-        return within.addcmul_(enter.unsqueeze(3), d.from_start.unsqueeze(1)).view(C, X, T), None
-    within = torch.bmm(z.view(C, X * N, L), d.within).view(C, X, N, L)
-    summary = torch.addcmul(z4[..., 0], d.step.unsqueeze(2), within[..., 0])  # seen from each chunk's start
-    leave = torch.bmm(summary, d.across)  # from later chunks, at each chunk's end
-    g0 = (summary * d.chunk_start).sum(2)
-    return within.addcmul_(leave.unsqueeze(3), d.to_end.unsqueeze(1)).view(C, X, T), g0
+            carried = torch.addcmul(carried, z0.unsqueeze(2), d.chunk_start)
+    within.addcmul_(carried.unsqueeze(3), decay.unsqueeze(1))
+    return within.view(C, X, T), total, d_total, carried
 
 
 class _WkvMatmul(torch.autograd.Function):
@@ -240,9 +259,9 @@ class _WkvMatmul(torch.autograd.Function):
 
     Backward, with p = g / den and q = -p y, and (P, Q) the adjoint sums of (p, q):
     gv = e^{k-m} P + e^{u+k-m} p,  gk = e^{k-m} (v P + Q) + e^{u+k-m} (v p + q),
-    gu = sum_{b,t} e^{u+k-m} (v p + q),
-    and gw = gu - sum_i (i + 1) gk_i: the output is unchanged by (w + d, k_i + (i + 1) d, u - d),
-    which scales every term of row t by e^{t d}.
+    gu = sum_{b,t} e^{u+k-m} (v p + q),  gw = sum_t (p, q)_t . d(A, B)_t / dw, the same sums with
+    every decay factor replaced by its derivative lag e^{lag w}. (The identity gw = gu - sum_i
+    (i + 1) gk_i also holds, but it cancels: channels with fast decay got gw wrong by 100%.)
     """
 
     @staticmethod
@@ -250,50 +269,59 @@ class _WkvMatmul(torch.autograd.Function):
         B, T, C = k.shape
         N = -(-T // L)
         kc, vc = k.permute(2, 0, 1), v.permute(2, 0, 1)  # views (C, B, T)
-        km = torch.sub(kc, m.t().unsqueeze(2), out=k.new_empty(C, B, T))
+        # One exp: E = e^{k - m + max(u, 0)} <= 1, then e^{k-m} = E e^{-max(u,0)}, e^{u+k-m} = E e^{u-max(u,0)}
+        u_pos = u.clamp_min(0)
+        eu = torch.sub(kc, (m - u_pos).t().unsqueeze(2), out=k.new_empty(C, B, T)).exp_()
         z = k.new_empty(C, 2, B, N * L)
         if N * L != T:
             z[..., T:] = 0
-        ek = torch.exp(km, out=z[:, 1, :, :T])
+        ek = torch.mul(eu, torch.exp(-u_pos)[:, None, None], out=z[:, 1, :, :T])
         torch.mul(ek, vc, out=z[:, 0, :, :T])
-        eu = km.add_(u[:, None, None]).exp_()
+        eu.mul_(torch.exp(u - u_pos)[:, None, None])
         d = _decays(w, L, N)
-        s, _ = _decayed_sums(d, z.view(C, 2 * B, N * L), z0, L, adjoint=False)
+        s, total, d_total, enter = _decayed_sums(d, z.view(C, 2 * B, N * L), z0, L, adjoint=False)
         s = s.view(C, 2, B, N * L)[..., :T]
         den = s[:, 1] + eu
         y = torch.empty_like(k)  # k's memory layout: channels first if k is
         torch.div(torch.addcmul(s[:, 0], eu, vc), den, out=y.permute(2, 0, 1))
         underflow = den.amin() < torch.finfo(k.dtype).tiny * 1e8
-        ctx.save_for_backward(v, z, eu, den, y, *d)
-        ctx.L, ctx.has_z0 = L, z0 is not None
+        ctx.save_for_backward(v, z, eu, den, y, total, d_total, enter, z0, *d)
+        ctx.L = L
         ctx.mark_non_differentiable(underflow)
         return y, underflow
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g, _):
-        v, z, eu, den, y, *dv = ctx.saved_tensors
+        v, z, eu, den, y, total, d_total, enter, z0, *d = ctx.saved_tensors
+        d = _Decays(*d)
         L = ctx.L
         C, B, T = den.shape
-        ek, yc = z[:, 1, :, :T], y.permute(2, 0, 1)
         N = -(-T // L)
+        ek, yc = z[:, 1, :, :T], y.permute(2, 0, 1)
         r = g.new_empty(C, 2, B, N * L)
         if N * L != T:
             r[..., T:] = 0
         p = torch.div(g.permute(2, 0, 1), den, out=r[:, 0, :, :T])
-        q = torch.mul(p, yc, out=r[:, 1, :, :T]).neg_()
-        d = _Decays(*dv)
-        s, g0 = _decayed_sums(d, r.view(C, 2 * B, N * L), None, L, adjoint=True)
+        q = torch.addcmul(g.new_zeros(()), p, yc, value=-1, out=r[:, 1, :, :T])
+        s, total_r, d_total_r, leave = _decayed_sums(d, r.view(C, 2 * B, N * L), None, L, adjoint=True)
         P, Q = s.view(C, 2, B, N * L)[..., :T].unbind(1)
         vc = v.permute(2, 0, 1)
         gv = torch.empty_like(v)
-        gvc = torch.mul(ek, P, out=gv.permute(2, 0, 1)).addcmul_(eu, p)
+        torch.mul(ek, P, out=gv.permute(2, 0, 1)).addcmul_(eu, p)
         e = torch.addcmul(q, vc, p).mul_(eu)
         gu = e.sum((1, 2))
         gk = torch.empty_like(v)
-        gkc = torch.add(torch.addcmul(Q, vc, P).mul_(ek), e, out=gk.permute(2, 0, 1))
-        gw = gu - (gkc @ torch.arange(1, T + 1, dtype=g.dtype, device=g.device)).sum(1)
-        return gw, gu, gk, gv, None, g0 if ctx.has_z0 else None, None
+        torch.addcmul(e, ek, torch.addcmul(Q, vc, P), out=gk.permute(2, 0, 1))
+        # gw: every product above again with each decay factor replaced by its derivative in w.
+        rz = torch.bmm(r.view(C, -1, L).transpose(1, 2), z.view(C, -1, L))  # (C, L, L): sum_x r_t z_i
+        gw = (rz * d.d_within).sum((1, 2))  # within chunks; across them:
+        gw += (d_total_r * enter + d_total * leave + torch.bmm(total_r, d.d_across) * total).sum((1, 2))
+        g0 = None
+        if z0 is not None:
+            g0 = (total_r * d.chunk_start).sum(2)
+            gw += (z0 * (total_r * d.d_chunk_start).sum(2)).sum(1)
+        return gw, gu, gk, gv, None, g0, None
 
 
 def wkv_matmul(
@@ -313,17 +341,18 @@ def wkv_matmul(
     """
     if chunk_len < 1:
         raise ValueError(f"chunk_len must be >= 1, got {chunk_len}")
-    s = _initial(state, k)
     B, T, C = k.shape
-    m = torch.maximum(k.amax(1) + u.clamp_min(0), s.max).detach()  # (B, C)
+    m = k.detach().amax(1) + u.detach().clamp_min(0)  # (B, C); a scale only, so no gradient
     z0 = None
     if state is not None:
+        s = _initial(state, k)
+        m = torch.maximum(m, s.max.detach())
         z0 = (torch.exp(s.max - m) * torch.stack([s.num, s.den])).permute(2, 0, 1).reshape(C, 2 * B)
     out, underflow = _WkvMatmul.apply(w, u, k, v, m, z0, min(chunk_len, T))
     if not torch.compiler.is_compiling() and bool(underflow):
         out, last = wkv_chunked(w, u, k, v, state, chunk_len=4)
         return out, last if final_state else None
-    return out, _final_state(w, k, v, s) if final_state else None
+    return out, _final_state(w, k, v, _initial(state, k)) if final_state else None
 
 
 def _final_state(w: Tensor, k: Tensor, v: Tensor, s: WkvState) -> WkvState:
