@@ -21,9 +21,10 @@ Forms, all ``(w, u, k, v, state) -> (out, new_state)`` with ``k, v`` of shape (B
     wkv_chunked    the parallel form: exact within chunks of ``chunk_len`` tokens (all chunks
                    at once); the state entering each chunk in closed form from the chunks'
                    summaries; groups of chunks follow each other; autograd-safe
-    wkv_matmul     the parallel form as matrix products with one scale per row and channel
-                   (training: its backward is a few products); falls back to wkv_chunked when
-                   keys span too many nats for that scale
+    wkv_matmul     the parallel form as matrix products with one scale per row and channel,
+                   worked channels first; its backward is written out (the same products
+                   transposed, and with the decays' derivatives for w): training. Falls back
+                   to wkv_chunked when keys span too many nats for that scale
     wkv_step       the recurrent form, one token at a time (``wkv_token``: the decode path)
 
 Arithmetic happens in the dtype of ``k`` (callers pass fp32 or fp64; never half precision).
@@ -195,25 +196,22 @@ class _Decays(NamedTuple):
 
 @functools.lru_cache(maxsize=64)
 def _decay_lags(L: int, N: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """For :func:`_decays`: the lags j of a power table e^{j w} (and a last entry 0 for 'none'),
-    the indices into it of every factor, flat, and the weights making them derivatives (lag) or
-    not (1)."""
+    """For :func:`_decays`: the lags j of a power table e^{j w} (with a last entry 0 for 'none'),
+    the indices into it of every factor, flat, and per index its weight: the lag for a
+    derivative (d/dw e^{j w} = j e^{j w}), else 1."""
     t, n = torch.arange(L), torch.arange(N)
-    lags = torch.cat([t, n * L])
-    none = len(lags)
+    lags = torch.cat([t, n * L, torch.zeros(1, dtype=t.dtype)])  # the last: 'none', weight 0
+    none = len(lags) - 1
     lag, chunk_lag = t[:, None] - 1 - t, n[:, None] - 1 - n  # [t, i], [n, j]
     within = torch.where(lag >= 0, lag, none)
     across = torch.where(chunk_lag >= 0, L + chunk_lag, none)
     to_end, from_start, chunk_start = L - 1 - t, t, L + n
-    parts = [within, within, torch.stack([to_end, to_end]), torch.stack([from_start, from_start]),
-             across, across, chunk_start[None], chunk_start[None]]
-    derivative = [[0], [1], [0, 1], [0, 1], [0], [1], [0], [1]]  # per row, broadcast over columns
-    index = torch.cat([i.reshape(-1) for i in parts])
-    is_d = torch.cat([torch.tensor(d, dtype=torch.bool)[:, None].expand(i.shape[0] if len(d) > 1 else 1, -1)
-                      .expand(i.shape).reshape(-1) for i, d in zip(parts, derivative)])
-    lag_of = torch.cat([lags, torch.zeros(1, dtype=lags.dtype)])[index]
-    weight = torch.where(is_d, lag_of, 1)
-    return lags.to(device, dtype), index.to(device), weight.to(device, dtype)
+    parts = [  # (indices, derivative?) in the order of _Decays
+        (within, False), (within, True), (to_end, False), (to_end, True), (from_start, False),
+        (from_start, True), (across, False), (across, True), (chunk_start, False), (chunk_start, True)]
+    index = torch.cat([i.reshape(-1) for i, _ in parts])
+    weight = torch.cat([lags[i.reshape(-1)] if d else torch.ones(i.numel(), dtype=t.dtype) for i, d in parts])
+    return lags[:-1].to(device, dtype), index.to(device), weight.to(device, dtype)
 
 
 def _decays(w: Tensor, L: int, N: int) -> _Decays:
@@ -335,9 +333,9 @@ def wkv_matmul(
     sums become products of a (C, L, L) decay matrix with the sequence (chunks of ``chunk_len``;
     chunk to chunk the same with an (N, N) matrix). Nothing overflows; if a denominator falls
     below the normal range (keys spanning more than ~80 nats within one sequence) the result
-    comes from :func:`wkv_chunked` instead. The backward is written out (:class:`_WkvMatmul`):
-    the adjoint sums are the same products transposed. The final state is exact, as in every form;
-    ``final_state=False`` skips it (training on windows: None instead).
+    comes from :func:`wkv_chunked` instead. The backward is written out (:class:`_WkvMatmul`).
+    Fastest with k and v stored channels first (memory (C, B, T)); the output takes k's layout.
+    The final state is exact, as in every form; ``final_state=False`` skips it (None instead).
     """
     if chunk_len < 1:
         raise ValueError(f"chunk_len must be >= 1, got {chunk_len}")
