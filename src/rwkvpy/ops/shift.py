@@ -40,11 +40,11 @@ class _TimeMix(torch.autograd.Function):
     def backward(ctx, *gs):
         d, *mixes = ctx.saved_tensors
         here = gs[0] * mixes[0].view(-1)
-        total = gs[0]
         for g, mix in zip(gs[1:], mixes[1:]):
             here.addcmul_(g, mix.view(-1))
-            total = total + g
-        after = total.sub_(here) if len(gs) > 1 else total - here  # sum_i (1 - mix_i) g_i
+        after = gs[0] - here  # sum_i (1 - mix_i) g_i
+        for g in gs[1:]:
+            after += g
         here[:, :-1] += after[:, 1:]
         g_mixes = [(g * d).sum((0, 1)).view_as(mix) for g, mix in zip(gs, mixes)]
         return here, after[:, 0], *g_mixes
