@@ -21,8 +21,9 @@ from rwkvpy.models import RWKV4Config, build_model
 from rwkvpy.models.gpt import GPT, GPTConfig
 from rwkvpy.models.rwkv4 import official_init
 
-SIZES = {"nanogpt-cpu": dict(n_layer=4, n_embd=128, ctx=64, batch=12),
-         "6x512": dict(n_layer=6, n_embd=512, ctx=256, batch=8)}
+# GPT heads: nanoGPT's CPU setting has 4 (as experiments/nanogpt_cpu.py); 6 x 512: heads of 64.
+SIZES = {"nanogpt-cpu": dict(n_layer=4, n_embd=128, n_head=4, ctx=64, batch=12),
+         "6x512": dict(n_layer=6, n_embd=512, n_head=8, ctx=256, batch=8)}
 V = 256
 
 
@@ -54,18 +55,18 @@ def step_rate(model, forward, batch, ctx, steps: int) -> float:
 
 
 def models(size: dict, compile_ours: bool):
-    L, C, ctx = size["n_layer"], size["n_embd"], size["ctx"]
+    L, C, H, ctx = size["n_layer"], size["n_embd"], size["n_head"], size["ctx"]
     from transformers import GPT2Config, GPT2LMHeadModel, RwkvConfig, RwkvForCausalLM
 
     cfg = RWKV4Config(vocab_size=V, n_embd=C, n_layer=L, dim_ffn=int(3.5 * C))
     for label, model in (("rwkvpy RWKV-4", build_model(cfg, official_init(cfg)).train()),
-                         ("rwkvpy GPT", GPT(GPTConfig(V, L, max(1, C // 64), C, ctx)).train())):
+                         ("rwkvpy GPT", GPT(GPTConfig(V, L, H, C, ctx)).train())):
         run = torch.compile(model) if compile_ours else model
         yield label, model, lambda m, x, run=run: run(x, return_state=False)[0]  # as the trainer
     hf = RwkvForCausalLM(RwkvConfig(vocab_size=V, hidden_size=C, num_hidden_layers=L,
                                     intermediate_size=int(3.5 * C), context_length=ctx)).train()
     yield "HF RwkvForCausalLM", hf, lambda m, x: m(x, use_cache=False).logits
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=ctx, n_embd=C, n_layer=L, n_head=max(1, C // 64),
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=ctx, n_embd=C, n_layer=L, n_head=H,
                                       resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)).train()
     yield "HF GPT-2", gpt2, lambda m, x: m(x).logits
 
