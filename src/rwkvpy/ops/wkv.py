@@ -33,6 +33,7 @@ Arithmetic happens in the dtype of ``k`` (callers pass fp32 or fp64; never half 
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import torch
@@ -219,10 +220,11 @@ def _decays(w: Tensor, L: int, N: int) -> _Decays:
     lags, index, weight = _decay_lags(L, N, w.device, w.dtype)
     table = torch.constant_pad_nd(torch.exp(w[:, None] * lags), (0, 1))
     flat = table.index_select(1, index).mul_(weight)
-    C = w.shape[0]
-    shapes = [(L, L), (L, L), (2, L), (2, L), (N, N), (N, N), (1, N), (1, N)]
-    parts = flat.split([a * b for a, b in shapes], dim=1)
-    return _Decays(*(x.view(C, *shape) for x, shape in zip(parts, shapes)))
+    parts, offset, row = [], 0, flat.shape[1]
+    for a, b in ((L, L), (L, L), (2, L), (2, L), (N, N), (N, N), (1, N), (1, N)):
+        parts.append(flat.as_strided((w.shape[0], a, b), (row, b, 1), offset))  # one op per part
+        offset += a * b
+    return _Decays(*parts)
 
 
 def _decayed_sums(d: _Decays, z: Tensor, z0: Tensor | None, L: int, adjoint: bool):
@@ -282,15 +284,13 @@ class _WkvMatmul(torch.autograd.Function):
         den = s[:, 1] + eu
         y = torch.empty_like(k)  # k's memory layout: channels first if k is
         torch.div(torch.addcmul(s[:, 0], eu, vc), den, out=y.permute(2, 0, 1))
-        underflow = den.amin() < torch.finfo(k.dtype).tiny * 1e8
         ctx.save_for_backward(v, z, eu, den, y, total, d_total, enter, z0, *d)
         ctx.L = L
-        ctx.mark_non_differentiable(underflow)
-        return y, underflow
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g, _):
+    def backward(ctx, g):
         v, z, eu, den, y, total, d_total, enter, z0, *d = ctx.saved_tensors
         d = _Decays(*d)
         L = ctx.L
@@ -331,25 +331,30 @@ def wkv_matmul(
     With m = max_t (k_t + max(u, 0)) over the whole sequence (and the state's max), every term
     e^{(t-1-i) w + k_i - m} factors into a decay e^{(t-1-i) w} <= 1 and e^{k_i - m} <= 1, so the
     sums become products of a (C, L, L) decay matrix with the sequence (chunks of ``chunk_len``;
-    chunk to chunk the same with an (N, N) matrix). Nothing overflows; if a denominator falls
-    below the normal range (keys spanning more than ~80 nats within one sequence) the result
-    comes from :func:`wkv_chunked` instead. The backward is written out (:class:`_WkvMatmul`).
-    Fastest with k and v stored channels first (memory (C, B, T)); the output takes k's layout.
+    chunk to chunk the same with an (N, N) matrix). Nothing overflows. A denominator is at least
+    its own token's term e^{u+k_t-m}; where that could leave the normal range (some key more than
+    ~69 nats below the row's largest) the result comes from :func:`wkv_chunked` instead. The
+    backward is written out (:class:`_WkvMatmul`). Fastest with k and v stored channels first (memory (C, B, T)); the output takes k's layout.
     The final state is exact, as in every form; ``final_state=False`` skips it (None instead).
     """
     if chunk_len < 1:
         raise ValueError(f"chunk_len must be >= 1, got {chunk_len}")
     B, T, C = k.shape
-    m = k.detach().amax(1) + u.detach().clamp_min(0)  # (B, C); a scale only, so no gradient
+    kd, ud = k.detach(), u.detach()  # m is a scale only, so no gradient
+    m = kd.amax(1) + ud.clamp_min(0)  # (B, C)
     s = z0 = None
     if state is not None:
         s = _initial(state, k)
         m = torch.maximum(m, s.max.detach())
-        z0 = (torch.exp(s.max - m) * torch.stack([s.num, s.den])).permute(2, 0, 1).reshape(C, 2 * B)
-    out, underflow = _WkvMatmul.apply(w, u, k, v, m, z0, min(chunk_len, T))
-    if not torch.compiler.is_compiling() and bool(underflow):
+    # Checked before the work, from k alone (a reduction over k costs a fifth of one over den):
+    # the smallest own-token term must stay 1e8 above the smallest normal number.
+    lowest = math.log(torch.finfo(k.dtype).tiny * 1e8)
+    if not torch.compiler.is_compiling() and bool(((kd.amin(1) + ud) - m).amin() < lowest):
         out, last = wkv_chunked(w, u, k, v, state, chunk_len=4)
         return out, last if final_state else None
+    if s is not None:
+        z0 = (torch.exp(s.max - m) * torch.stack([s.num, s.den])).permute(2, 0, 1).reshape(C, 2 * B)
+    out = _WkvMatmul.apply(w, u, k, v, m, z0, min(chunk_len, T))
     return out, _final_state(w, k, v, s if s is not None else _initial(None, k)) if final_state else None
 
 
