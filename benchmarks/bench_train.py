@@ -4,8 +4,9 @@
 
 Two sizes, byte vocabulary: nanoGPT's CPU setting (4 x 128, context 64, batch 12) and
 6 x 512 (context 256, batch 8). One step = forward, backward and an AdamW update (fused, as
-the trainer's) on a fixed random batch. Prints tokens/s (median step), the ratios, and the
-fraction of the matmul floor: 6 * parameters FLOPs per token at the fp32 GEMM rate measured in this run.
+the trainer's) on a fixed random batch; the models take turns step by step. Prints tokens/s
+(median step), the ratios, and the fraction of the matmul floor: 6 * parameters FLOPs per
+token at the fp32 GEMM rate measured in this run.
 """
 
 from __future__ import annotations
@@ -36,22 +37,23 @@ def gemm_gflops(n: int = 1024, repeats: int = 10) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9
 
 
-def step_rate(model, forward, batch, ctx, steps: int) -> float:
+def training_step(model, forward, batch, ctx):
+    """One timed step (forward, backward, AdamW update) on a fixed random batch, as a closure."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the trainer
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, V, (batch, ctx), generator=g)
     y = torch.randint(0, V, (batch, ctx), generator=g)
-    times = []
-    for i in range(steps + 2):
+
+    def step() -> float:
         t = time.perf_counter()
         logits = forward(model, x)
         loss = F.cross_entropy(logits.reshape(-1, V), y.reshape(-1))
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if i >= 2:  # warm-up
-            times.append(time.perf_counter() - t)
-    return batch * ctx / statistics.median(times)
+        return time.perf_counter() - t
+
+    return step
 
 
 def models(size: dict, compile_ours: bool):
@@ -83,12 +85,21 @@ def main() -> None:
     for name in args.sizes.split(","):
         size = SIZES[name]
         print(f"\n## {name}: {size}")
+        peers = [(label, model, training_step(model, forward, size["batch"], size["ctx"]))
+                 for label, model, forward in models(size, args.compile)]
+        times = {label: [] for label, _, _ in peers}
+        # Steps interleaved, model after model, so that drift in the machine's speed (large on a
+        # shared VM) reaches every ratio alike; two warm-up steps each.
+        for i in range(args.steps + 2):
+            for label, _, step in peers:
+                t = step()
+                if i >= 2:
+                    times[label].append(t)
         rates = {}
-        for label, model, forward in models(size, args.compile):
+        for label, model, _ in peers:
             n = sum(p.numel() for p in model.parameters())
-            rate = step_rate(model, forward, size["batch"], size["ctx"], args.steps)
+            rate = rates[label] = size["batch"] * size["ctx"] / statistics.median(times[label])
             floor = gflops * 1e9 / (6 * n)
-            rates[label] = rate
             print(f"{label:22s} {n:>10,} params {rate:9.0f} tok/s  {rate / floor:6.1%} of matmul floor")
         ours = rates["rwkvpy RWKV-4"]
         for peer in ("rwkvpy GPT", "HF RwkvForCausalLM", "HF GPT-2"):
