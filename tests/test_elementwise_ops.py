@@ -1,9 +1,11 @@
-"""Elementwise ops with written-out backwards (relu^2, time mixing) equal autograd's."""
+"""Ops with written-out backwards (relu^2, time mixing, the channels-first projection) equal
+autograd's."""
 
 import pytest
 import torch
 
 from rwkvpy.ops import squared_relu, time_mix
+from rwkvpy.ops.linear import project_channels_first
 
 
 def test_squared_relu_equals_autograd_including_zero():
@@ -54,3 +56,22 @@ def test_time_mix_of_one_token_interpolates_with_last():
     x, last, mix = torch.randn(2, 4), torch.randn(2, 4), torch.rand(4)
     (out,) = time_mix(x, last, mix)
     assert torch.allclose(out, mix * x + (1 - mix) * last, atol=1e-6)
+
+
+def test_channels_first_projection_is_linear_with_its_gradients():
+    """Values, layout ((out, B, T) memory) and gradients of x and W as F.linear's; x's gradient
+    comes back in x's own layout."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 4, dtype=torch.float64, generator=gen)
+    weight = torch.randn(6, 4, dtype=torch.float64, generator=gen)
+    g = torch.randn(3, 5, 6, dtype=torch.float64, generator=gen)
+    a, wa = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    b, wb = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    y = project_channels_first(a, wa)
+    assert y.permute(2, 0, 1).is_contiguous()
+    (y * g).sum().backward()
+    (torch.nn.functional.linear(b, wb) * g).sum().backward()
+    assert torch.allclose(y, torch.nn.functional.linear(x, weight), rtol=0, atol=1e-12)
+    assert torch.allclose(a.grad, b.grad, rtol=0, atol=1e-12) and a.grad.is_contiguous()
+    assert torch.allclose(wa.grad, wb.grad, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(project_channels_first, (x.requires_grad_(), weight.requires_grad_()))

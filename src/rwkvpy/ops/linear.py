@@ -78,12 +78,35 @@ def project(x: Tensor, weight: Tensor, scale: Tensor | None = None,
     return F.linear(x, weight.to(x.dtype))
 
 
+class _ProjectChannelsFirst(torch.autograd.Function):
+    """One autograd node where reshape, transpose, mm, view and permute would make five."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
+        B, T, n_in = x.shape
+        x2 = x.reshape(B * T, n_in)
+        ctx.save_for_backward(x2, weight)
+        return torch.mm(weight, x2.t()).view(-1, B, T).permute(1, 2, 0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):
+        x2, weight = ctx.saved_tensors
+        B, T, n_out = g.shape
+        g2 = g.permute(2, 0, 1).reshape(n_out, B * T)  # a view when g is channels first
+        gx = torch.mm(g2.t(), weight).view(B, T, -1) if ctx.needs_input_grad[0] else None
+        gw = torch.mm(g2, x2) if ctx.needs_input_grad[1] else None
+        return gx, gw
+
+
 def project_channels_first(x: Tensor, weight: Tensor) -> Tensor:
     """x (B, T, in) -> x W^T as (B, T, out) whose memory is (out, B, T), for sums over time.
 
     The product W x^T writes that layout at no extra cost, where transposing afterwards is a
-    strided copy (~7x a plain one here); autograd keeps the layout for the gradients.
+    strided copy (~7x a plain one here). The gradient of x comes back in x's own layout.
     """
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _ProjectChannelsFirst.apply(x, weight)
     B, T, n_in = x.shape
     return torch.mm(weight, x.reshape(B * T, n_in).t()).view(-1, B, T).permute(1, 2, 0)
 
