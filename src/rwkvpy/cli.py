@@ -415,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"default {getattr(defaults, name)}")
     t.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast")
     t.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the model: about a minute to start, faster RWKV-4 steps on CPU")
+                   help="torch.compile the model: 0.5-2 minutes to start; on a CPU RWKV-4 steps measured "
+                        "faster at small widths, slower at 512 (docs/benchmarks.md)")
     t.add_argument("--device", help="cpu (default) or cuda")
     t.set_defaults(func=cmd_train)
 

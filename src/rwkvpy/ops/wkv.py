@@ -242,7 +242,7 @@ def _decayed_sums(d: _Decays, z: Tensor, z0: Tensor | None, L: int, adjoint: boo
     zl = z.view(C, X * N, L)
     within = torch.bmm(zl, d.within if adjoint else d.within.transpose(1, 2)).view(C, X, N, L)
     totals = torch.bmm(d.adjoint_totals if adjoint else d.totals, zl.transpose(1, 2))  # (C, 2, X N)
-    total, d_total = totals[:, 0].view(C, X, N), totals[:, 1].view(C, X, N)
+    total, d_total = totals.view(C, 2, X, N).unbind(1)
     if adjoint:  # from later chunks, at each chunk's end
         carried, decay = torch.bmm(total, d.across), d.totals[:, :1]
     else:  # entering each chunk
@@ -313,8 +313,9 @@ class _WkvMatmul(torch.autograd.Function):
         torch.addcmul(e, ek, torch.addcmul(Q, vc, P), out=gk.permute(2, 0, 1))
         # gw: every product above again with each decay factor replaced by its derivative in w.
         rz = torch.bmm(r.view(C, -1, L).transpose(1, 2), z.view(C, -1, L))  # (C, L, L): sum_x r_t z_i
-        gw = (rz * d.d_within).sum((1, 2))  # within chunks; across them:
-        gw += (d_total_r * enter + d_total * leave + torch.bmm(total_r, d.d_across) * total).sum((1, 2))
+        across = torch.bmm(total_r, d.d_across).mul_(total)
+        across.addcmul_(d_total_r, enter).addcmul_(d_total, leave)
+        gw = rz.mul_(d.d_within).sum((1, 2)).add_(across.sum((1, 2)))  # within chunks, across them
         g0 = None
         if z0 is not None:
             g0 = (total_r * d.chunk_start).sum(2)

@@ -63,7 +63,7 @@ class TrainConfig:
     log_interval: int = 10
     val_fraction: float = 0.1
     bf16: bool = False
-    compile: bool = False  # torch.compile the model (slow start, faster RWKV-4 steps on CPU)
+    compile: bool = False  # torch.compile the model (slow start; faster or slower by size, see docs)
     seed: int = 1337
     device: str = "cpu"
 
