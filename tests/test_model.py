@@ -153,6 +153,25 @@ def test_training_forms_equal_inference_forms():
     assert rel_err(logits.detach(), ref) < 1e-5 and state.batch_size == 3
 
 
+def test_bf16_autocast_training_gives_the_fp32_gradients_within_bf16_precision():
+    """Training's written-out backwards (projections, WKV) under bf16 autocast: gradients as in
+    fp32, to bf16's precision (the products are bf16, the WKV fp32)."""
+    model = make_model(SHAPE_ATT)
+    toks = tokens_for(SHAPE_ATT)
+
+    def gradients(autocast: bool) -> torch.Tensor:
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits, _ = model(toks, return_state=False)
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), toks.flatten())
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    fp32, bf16 = gradients(False), gradients(True)
+    assert torch.isfinite(bf16).all()
+    assert torch.nn.functional.cosine_similarity(fp32, bf16, dim=0) > 0.999
+
+
 def test_bad_inputs_are_named():
     model = make_model(SHAPE_ATT)
     with pytest.raises(RwkvpyError, match="token id 50 is outside"):

@@ -105,7 +105,8 @@ def project_channels_first(x: Tensor, weight: Tensor) -> Tensor:
     The product W x^T writes that layout at no extra cost, where transposing afterwards is a
     strided copy (~7x a plain one here). The gradient of x comes back in x's own layout.
     """
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    if (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+            and not torch.is_autocast_enabled(x.device.type)):  # autocast: dtypes differ in backward
         return _ProjectChannelsFirst.apply(x, weight)
     B, T, n_in = x.shape
     return torch.mm(weight, x.reshape(B * T, n_in).t()).view(-1, B, T).permute(1, 2, 0)
