@@ -198,3 +198,13 @@ def test_matmul_form_falls_back_only_where_its_scale_underflows(monkeypatch):
         out, _ = wkv_matmul(*(x.float() for x in (w, u, k, v)), None, chunk_len=16)
         assert calls == expect
         assert rel_err(out.double(), ref[0]) < 2e-5
+
+
+def test_matmul_form_keeps_fp32_under_bf16_autocast():
+    """Training under bf16 autocast: the WKV's products stay fp32 (they ran in bf16 once: 6e-3)."""
+    w, u, k, v, _ = make_inputs(2, 64, 16, seed=1, state=False)
+    w, u, k, v = (x.float() for x in (w, u, k, v))
+    ref, _ = wkv_matmul(w, u, k, v, None, chunk_len=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = wkv_matmul(w, u, k, v, None, chunk_len=16)
+    assert out.dtype == torch.float32 and rel_err(out, ref) < 1e-6

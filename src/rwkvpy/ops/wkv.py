@@ -355,7 +355,8 @@ def wkv_matmul(
         return out, last if final_state else None
     if s is not None:
         z0 = (torch.exp(s.max - m) * torch.stack([s.num, s.den])).permute(2, 0, 1).reshape(C, 2 * B)
-    out = _WkvMatmul.apply(w, u, k, v, m, z0, min(chunk_len, T))
+    with torch.autocast(k.device.type, enabled=False):  # else its products would run in half precision
+        out = _WkvMatmul.apply(w, u, k, v, m, z0, min(chunk_len, T))
     return out, _final_state(w, k, v, s if s is not None else _initial(None, k)) if final_state else None
 
 
