@@ -103,7 +103,7 @@ def main() -> None:
             print(f"{label:22s} {n:>10,} params {rate:9.0f} tok/s  {rate / floor:6.1%} of matmul floor")
         ours = rates["rwkvpy RWKV-4"]
         for peer in ("rwkvpy GPT", "HF RwkvForCausalLM", "HF GPT-2"):
-            print(f"rwkvpy RWKV-4 / {peer}: x{ours / rates[peer]:.2f}")
+            print(f"rwkvpy RWKV-4 / {peer}: x{ours / rates[peer]:.3f}")
 
 
 if __name__ == "__main__":
