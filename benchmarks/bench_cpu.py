@@ -1,7 +1,7 @@
 """CPU inference speed of rwkvpy vs the official ``rwkv`` package and ``transformers``, one run.
 
     python benchmarks/bench_cpu.py [--layers 12 --width 768 --vocab 50277] [--repeats 5]
-                                   [--long-context 100000] [--json results.json]
+                                   [--long-context 100000] [--compile] [--json results.json]
 
 Random weights with the shape of RWKV-4-Pile-169M by default, written to a temporary
 rwkvpy checkpoint, then ``rwkvpy.bench.run`` (the same code as ``rwkvpy bench --model M``):
@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--long-context", type=int, default=0)
+    ap.add_argument("--compile", action="store_true", help="also decode through torch.compile (batch 1)")
     ap.add_argument("--json")
     args = ap.parse_args()
 
@@ -43,7 +44,7 @@ def main() -> None:
         result = bench.run(path, kinds=tuple(args.kinds.split(",")),
                            batches=tuple(int(b) for b in args.batches.split(",")), prompt=args.prompt,
                            decode_tokens=args.decode_tokens, repeats=args.repeats, peers=not args.no_peers,
-                           long_context=args.long_context)
+                           long_context=args.long_context, compiled=args.compile)
     if args.json:
         bench.write_json(result, args.json)
 

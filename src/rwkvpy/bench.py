@@ -99,7 +99,8 @@ def _decode_fn(step, state, tokens):
     return run
 
 
-def rwkvpy_tasks(path, kind: str, batches, prompt, decode_tokens, repeats, g) -> tuple[list[Task], int]:
+def rwkvpy_tasks(path, kind: str, batches, prompt, decode_tokens, repeats, g,
+                 compiled: bool = False) -> tuple[list[Task], int]:
     from .loading import load
 
     model = load(path, **KINDS[kind])
@@ -114,6 +115,12 @@ def rwkvpy_tasks(path, kind: str, batches, prompt, decode_tokens, repeats, g) ->
         ids = torch.randint(0, V, (1, prompt), generator=g)
         tasks.append(Task(f"rwkvpy {kind} prefill {prompt}", torch.no_grad()(lambda: model(ids, last_only=True)),
                           prompt, repeats))
+        if compiled:  # after the eager tasks took the eager step
+            _, state = model(torch.randint(0, V, (1, 8), generator=g))
+            toks = [torch.randint(0, V, (1,), generator=g) for _ in range(decode_tokens)]
+            model.compile_step()
+            tasks.append(Task(f"rwkvpy {kind} compiled decode batch 1", _decode_fn(model.step, state, toks),
+                              decode_tokens, repeats))
     return tasks, bytes_per_token(model)
 
 
@@ -207,7 +214,7 @@ def _fresh_process(code: str, *args) -> list[str]:
 
 def run(path, kinds=("fp32", "bf16", "int8"), batches=(1, 16, 64), prompt: int = 1024,
         decode_tokens: int = 16, repeats: int = 5, peers: bool = True, long_context: int = 0,
-        log=print) -> dict:
+        compiled: bool = False, log=print) -> dict:
     """Measure everything; return the results (also printed through ``log``)."""
     from .checkpoint import read_checkpoint, write_checkpoint
 
@@ -218,7 +225,7 @@ def run(path, kinds=("fp32", "bf16", "int8"), batches=(1, 16, 64), prompt: int =
     g = torch.Generator().manual_seed(0)
     tasks, per_token = [], {}
     for kind in kinds:
-        t, per_token[kind] = rwkvpy_tasks(path, kind, batches, prompt, decode_tokens, repeats, g)
+        t, per_token[kind] = rwkvpy_tasks(path, kind, batches, prompt, decode_tokens, repeats, g, compiled)
         tasks += t
     with tempfile.TemporaryDirectory() as tmp:
         if peers:
@@ -268,6 +275,13 @@ def run(path, kinds=("fp32", "bf16", "int8"), batches=(1, 16, 64), prompt: int =
         for peer in (f"official {OFFICIAL_STRATEGY.get(kind)}", f"transformers {kind}"):
             if f"{peer} decode batch 1" in rates:
                 ratios[f"decode batch 1 / {peer}"] = b1 / rates[f"{peer} decode batch 1"]
+        if compiled:
+            c1 = rates[f"rwkvpy {kind} compiled decode batch 1"]
+            ratios["compiled decode batch 1 / eager"] = c1 / b1
+            ratios["compiled decode batch 1 / floor"] = c1 / floor
+            peer = f"official {OFFICIAL_STRATEGY.get(kind)}"
+            if f"{peer} decode batch 1" in rates:
+                ratios[f"compiled decode batch 1 / {peer}"] = c1 / rates[f"{peer} decode batch 1"]
         for peer in ("official cpu fp32", "transformers fp32"):
             if f"{peer} prefill {prompt}" in rates:
                 ratios[f"prefill / {peer}"] = rates[f"rwkvpy {kind} prefill {prompt}"] / rates[f"{peer} prefill {prompt}"]

@@ -133,7 +133,7 @@ def cmd_bench(args) -> int:
     read_checkpoint(path)  # a bad path fails here, in one line
     result = bench.run(path, kinds=kinds, batches=ints(args.batches, "batches"), prompt=args.prompt,
                        decode_tokens=args.decode_tokens, repeats=args.repeats, peers=not args.no_peers,
-                       long_context=args.long_context)
+                       long_context=args.long_context, compiled=args.compile)
     if args.json:
         bench.write_json(result, args.json)
     return 0
@@ -193,6 +193,8 @@ def load_model_and_tokenizer(args):
     if args.model is None:
         args.model = default_model_path()
     model = load(args.model, dtype=args.dtype, quantize="int8" if args.int8 else None)
+    if args.compile:
+        model.compile_step()
     return model, tokenizer_for_model(model.config.vocab_size, args.tokenizer, args.model)
 
 
@@ -352,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-peers", action="store_true", help="skip the official rwkv package and transformers")
     b.add_argument("--long-context", type=int, default=0, metavar="N",
                    help="also compare RSS while decoding after N tokens of context with after 1000")
+    b.add_argument("--compile", action="store_true",
+                   help="also measure decode batch 1 through torch.compile (~30 s to compile per kind)")
     b.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     b.set_defaults(func=cmd_bench)
 
@@ -366,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "the model folder's, else implied by the vocabulary size)")
         q.add_argument("--dtype", default="fp32", help="how matrices are stored: fp32 (default), bf16, fp16")
         q.add_argument("--int8", action="store_true", help="quantize projections to int8 on load")
+        q.add_argument("--compile", action="store_true",
+                       help="decode through torch.compile (~30 s to start, faster tokens; needs a C++ compiler)")
 
     def sampling_args(q, temperature, top_p, max_tokens):
         q.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
