@@ -174,9 +174,10 @@ def test_bf16_autocast_training_gives_the_fp32_gradients_within_bf16_precision()
 
 
 @pytest.mark.slow
-def test_compiled_step_decodes_as_the_eager_step():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_step_decodes_as_the_eager_step(dtype):
     """compile_step (torch.compile, opt-in) changes speed only: logits and states token by token."""
-    model = make_model(SHAPE_ATT)
+    model = make_model(SHAPE_ATT, dtype=dtype)
     toks = tokens_for(SHAPE_ATT)
     with torch.no_grad():
         _, eager = model(toks[:, :2])
