@@ -181,9 +181,11 @@ def wkv_chunked(
 class _Decays(NamedTuple):
     """Decay factors of N chunks of L tokens, channels first (every exponent is <= 0), and the
     derivatives in w (lag e^{lag w}) that the backward needs, marked d_. Names say what carries
-    where: within e^{(t-1-i) w} (token i to token t > i of one chunk, else 0), to_end
-    e^{(L-1-i) w}, from_start e^{t w}, across e^{(n-1-j) L w} (the end of chunk j to the start of
-    chunk n > j), chunk_start e^{n L w}."""
+    where: within e^{(t-1-i) w} (token i to token t > i of one chunk; the current token, i = t,
+    gets its bonus e^u; else 0), to_end e^{(L-1-i) w}, from_start e^{t w}, across
+    e^{(n-1-j) L w} (the end of chunk j to the start of chunk n > j), chunk_start e^{n L w}.
+    Factors that bring a term to an output (within, from_start) also carry e^{-max(u, 0)}, a
+    common scale of every output's numerator and denominator that keeps the bonus <= 1."""
 
     within: Tensor  # (C, L, L), [t, i]
     d_within: Tensor  # (C, L, L)
@@ -196,30 +198,36 @@ class _Decays(NamedTuple):
 
 
 @functools.lru_cache(maxsize=64)
-def _decay_lags(L: int, N: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """For :func:`_decays`: the lags j of a power table e^{j w} (with a last entry 0 for 'none'),
-    the indices into it of every factor, flat, and per index its weight: the lag for a
-    derivative (d/dw e^{j w} = j e^{j w}), else 1."""
+def _decay_table(L: int, N: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """For :func:`_decays`: the distinct exponents as rows (lag, scaled, bonus) of a (3, J)
+    matrix, exponent = lag w - scaled max(u, 0) + bonus u (a last column 'none' gives 0), the
+    index into them of every factor, flat, and per index its weight: the lag for a derivative
+    (d/dw e^{lag w} = lag e^{lag w}), else 1."""
     t, n = torch.arange(L), torch.arange(N)
-    lags = torch.cat([t, n * L, torch.zeros(1, dtype=t.dtype)])  # the last: 'none', weight 0
-    none = len(lags) - 1
-    lag, chunk_lag = t[:, None] - 1 - t, n[:, None] - 1 - n  # [t, i], [n, j]
-    within = torch.where(lag >= 0, lag, none)
-    across = torch.where(chunk_lag >= 0, L + chunk_lag, none)
-    to_end, from_start, chunk_start = L - 1 - t, t, L + n
+    zeros, ones = torch.zeros(L), torch.ones(L)
+    #          scaled lags 0..L-1 | bonus | lags 0..L-1 | lags n L, n < N | none
+    lag = torch.cat([t, torch.zeros(1), t, n * L, torch.zeros(1)])
+    scaled = torch.cat([ones, torch.ones(1), zeros, torch.zeros(N + 1)])
+    bonus = torch.cat([zeros, torch.ones(1), zeros, torch.zeros(N + 1)])
+    BONUS, PLAIN, CHUNKS, NONE = L, L + 1, 2 * L + 1, 2 * L + 1 + N
+    t_lag, chunk_lag = t[:, None] - 1 - t, n[:, None] - 1 - n  # [t, i], [n, j]
+    within = torch.where(t_lag >= 0, t_lag, torch.where(t_lag == -1, BONUS, NONE))
+    across = torch.where(chunk_lag >= 0, CHUNKS + chunk_lag, NONE)
+    to_end, from_start, chunk_start = PLAIN + (L - 1 - t), t, CHUNKS + n
     parts = [  # (indices, derivative?) in the order of _Decays
         (within, False), (within, True), (to_end, False), (to_end, True), (from_start, False),
         (from_start, True), (across, False), (across, True), (chunk_start, False), (chunk_start, True)]
     index = torch.cat([i.reshape(-1) for i, _ in parts])
-    weight = torch.cat([lags[i.reshape(-1)] if d else torch.ones(i.numel(), dtype=t.dtype) for i, d in parts])
-    return lags[:-1].to(device, dtype), index.to(device), weight.to(device, dtype)
+    weight = torch.cat([lag[i.reshape(-1)] if d else torch.ones(i.numel()) for i, d in parts])
+    rows = torch.stack([lag, scaled, bonus])[:, :-1]  # 'none' is the zero padded on
+    return rows.to(device, dtype), index.to(device), weight.to(device, dtype)
 
 
-def _decays(w: Tensor, L: int, N: int) -> _Decays:
-    """All factors from one exp over the distinct lags and one gather."""
-    lags, index, weight = _decay_lags(L, N, w.device, w.dtype)
-    table = torch.constant_pad_nd(torch.exp(w[:, None] * lags), (0, 1))
-    flat = table.index_select(1, index).mul_(weight)
+def _decays(w: Tensor, u: Tensor, L: int, N: int) -> _Decays:
+    """All factors from one exp over the distinct exponents and one gather."""
+    rows, index, weight = _decay_table(L, N, w.device, w.dtype)
+    exponents = torch.mm(torch.stack([w, -u.clamp_min(0), u], 1), rows)  # (C, J)
+    flat = torch.constant_pad_nd(exponents.exp_(), (0, 1)).index_select(1, index).mul_(weight)
     parts, offset, row = [], 0, flat.shape[1]
     for a, b in ((L, L), (L, L), (2, L), (2, L), (N, N), (N, N), (1, N), (1, N)):
         parts.append(flat.as_strided((w.shape[0], a, b), (row, b, 1), offset))  # one op per part
@@ -254,14 +262,15 @@ def _decayed_sums(d: _Decays, z: Tensor, z0: Tensor | None, L: int, adjoint: boo
 
 
 class _WkvMatmul(torch.autograd.Function):
-    """y = (A_t + e^{u+k_t-m} v_t) / (B_t + e^{u+k_t-m}), with (A, B) the decayed sums of
-    (e^{k-m} v, e^{k-m}) and the scaled state z0; work happens channels first, (C, B, T).
+    """y = A_t / B_t with (A, B) the decayed sums of (e^{k-m} v, e^{k-m}), the current token
+    included with its bonus e^u, and the scaled state z0; work happens channels first, (C, B, T).
 
-    Backward, with p = g / den and q = -p y, and (P, Q) the adjoint sums of (p, q):
-    gv = e^{k-m} P + e^{u+k-m} p,  gk = e^{k-m} (v P + Q) + e^{u+k-m} (v p + q),
-    gu = sum_{b,t} e^{u+k-m} (v p + q),  gw = sum_t (p, q)_t . d(A, B)_t / dw, the same sums with
-    every decay factor replaced by its derivative lag e^{lag w}. (The identity gw = gu - sum_i
-    (i + 1) gk_i also holds, but it cancels: in fp32 fast-decay channels were off by up to 70x.)
+    Backward, with p = g / B and q = -p y, and (P, Q) the adjoint sums of (p, q) (the same
+    products with the decay matrices transposed): gv = e^{k-m} P, gk = e^{k-m} (v P + Q),
+    gu = sum_{b,t} e^u (p, q)_t . (e^{k-m} v, e^{k-m})_t (the diagonal of the product below),
+    gw = sum_t (p, q)_t . d(A, B)_t / dw: the same sums with every decay factor replaced by its
+    derivative lag e^{lag w}. (The identity gw = gu - sum_i (i + 1) gk_i also holds, but it
+    cancels: in fp32 fast-decay channels were off by up to 70x.)
     """
 
     @staticmethod
@@ -269,50 +278,43 @@ class _WkvMatmul(torch.autograd.Function):
         B, T, C = k.shape
         N = -(-T // L)
         kc, vc = k.permute(2, 0, 1), v.permute(2, 0, 1)  # views (C, B, T)
-        # One exp: E = e^{k - m + max(u, 0)} <= 1, then e^{k-m} = E e^{-max(u,0)}, e^{u+k-m} = E e^{u-max(u,0)}
-        u_pos = u.clamp_min(0)
-        eu = torch.sub(kc, (m - u_pos).t().unsqueeze(2), out=k.new_empty(C, B, T)).exp_()
         z = k.new_empty(C, 2, B, N * L)
         if N * L != T:
             z[..., T:] = 0
-        ek = torch.mul(eu, torch.exp(-u_pos)[:, None, None], out=z[:, 1, :, :T])
+        ek = torch.sub(kc, m.t().unsqueeze(2), out=z[:, 1, :, :T]).exp_()  # e^{k-m} <= 1
         torch.mul(ek, vc, out=z[:, 0, :, :T])
-        eu.mul_(torch.exp(u - u_pos)[:, None, None])
-        d = _decays(w, L, N)
+        d = _decays(w, u, L, N)
         s, total, d_total, enter = _decayed_sums(d, z.view(C, 2 * B, N * L), z0, L, adjoint=False)
         s = s.view(C, 2, B, N * L)[..., :T]
-        den = s[:, 1] + eu
         y = torch.empty_like(k)  # k's memory layout: channels first if k is
-        torch.div(torch.addcmul(s[:, 0], eu, vc), den, out=y.permute(2, 0, 1))
-        ctx.save_for_backward(v, z, eu, den, y, total, d_total, enter, z0, *d)
+        torch.div(s[:, 0], s[:, 1], out=y.permute(2, 0, 1))
+        ctx.save_for_backward(v, z, s[:, 1], y, total, d_total, enter, z0, *d)
         ctx.L = L
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        v, z, eu, den, y, total, d_total, enter, z0, *d = ctx.saved_tensors
+        v, z, den, y, total, d_total, enter, z0, *d = ctx.saved_tensors
         d = _Decays(*d)
         L = ctx.L
         C, B, T = den.shape
         N = -(-T // L)
-        ek, yc = z[:, 1, :, :T], y.permute(2, 0, 1)
         r = g.new_empty(C, 2, B, N * L)
         if N * L != T:
             r[..., T:] = 0
         p = torch.div(g.permute(2, 0, 1), den, out=r[:, 0, :, :T])
-        q = torch.addcmul(g.new_zeros(()), p, yc, value=-1, out=r[:, 1, :, :T])
+        torch.addcmul(g.new_zeros(()), p, y.permute(2, 0, 1), value=-1, out=r[:, 1, :, :T])
         s, total_r, d_total_r, leave = _decayed_sums(d, r.view(C, 2 * B, N * L), None, L, adjoint=True)
         P, Q = s.view(C, 2, B, N * L)[..., :T].unbind(1)
-        vc = v.permute(2, 0, 1)
+        ek = z[:, 1, :, :T]
         gv = torch.empty_like(v)
-        torch.mul(ek, P, out=gv.permute(2, 0, 1)).addcmul_(eu, p)
-        e = torch.addcmul(q, vc, p).mul_(eu)
-        gu = e.sum((1, 2))
+        torch.mul(ek, P, out=gv.permute(2, 0, 1))
         gk = torch.empty_like(v)
-        torch.addcmul(e, ek, torch.addcmul(Q, vc, P), out=gk.permute(2, 0, 1))
-        # gw: every product above again with each decay factor replaced by its derivative in w.
+        torch.mul(torch.addcmul(Q, v.permute(2, 0, 1), P), ek, out=gk.permute(2, 0, 1))
         rz = torch.bmm(r.view(C, -1, L).transpose(1, 2), z.view(C, -1, L))  # (C, L, L): sum_x r_t z_i
+        gu = rz.diagonal(dim1=1, dim2=2).sum(1).mul_(d.within[:, 0, 0])  # the bonus's own derivative
+        # gw: every product above again with each decay factor replaced by its derivative in w.
         across = torch.bmm(total_r, d.d_across).mul_(total)
         across.addcmul_(d_total_r, enter).addcmul_(d_total, leave)
         gw = rz.mul_(d.d_within).sum((1, 2)).add_(across.sum((1, 2)))  # within chunks, across them
@@ -342,15 +344,17 @@ def wkv_matmul(
         raise ValueError(f"chunk_len must be >= 1, got {chunk_len}")
     B, T, C = k.shape
     kd, ud = k.detach(), u.detach()  # m is a scale only, so no gradient
-    m = kd.amax(1) + ud.clamp_min(0)  # (B, C)
+    m = kd.amax(1)  # (B, C)
     s = z0 = None
     if state is not None:
         s = _initial(state, k)
         m = torch.maximum(m, s.max.detach())
     # Checked before the work, from k alone (a reduction over k costs a fifth of one over den):
-    # the smallest own-token term must stay 1e8 above the smallest normal number.
+    # the smallest own-token term e^{u+k-m-max(u,0)} must stay 1e8 above the smallest normal
+    # number.
     lowest = math.log(torch.finfo(k.dtype).tiny * 1e8)
-    if not torch.compiler.is_compiling() and bool(((kd.amin(1) + ud) - m).amin() < lowest):
+    own = (kd.amin(1) - m) + (ud - ud.clamp_min(0))
+    if not torch.compiler.is_compiling() and bool(own.amin() < lowest):
         out, last = wkv_chunked(w, u, k, v, state, chunk_len=4)
         return out, last if final_state else None
     if s is not None:
