@@ -1,30 +1,66 @@
-"""Ops with written-out backwards (relu^2, time mixing, the channels-first projection) equal
-autograd's."""
+"""Ops with written-out backwards (the channel mix, time mixing, the channels-first projection)
+equal autograd's."""
 
 import pytest
 import torch
 
 from rwkvpy.ops import squared_relu, time_mix
+from rwkvpy.ops.activation import channel_mix_products
 from rwkvpy.ops.linear import project_channels_first
 
 
-def test_squared_relu_equals_autograd_including_zero():
-    x = torch.randn(50, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    x = torch.cat([x, torch.zeros(3, dtype=torch.float64)])
-    g = torch.randn_like(x)
-    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
-    (squared_relu(a) * g).sum().backward()
-    (torch.square(torch.relu(b)) * g).sum().backward()
-    assert torch.equal(squared_relu(a).detach(), torch.square(torch.relu(x)))
-    assert torch.allclose(a.grad, b.grad, rtol=0, atol=1e-15)
+def channel_mix_by_autograd(xk, xr, w_k, w_r, w_v):
+    F = torch.nn.functional
+    return torch.sigmoid(F.linear(xr, w_r)) * F.linear(squared_relu(F.linear(xk, w_k)), w_v)
+
+
+def channel_mix_inputs(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    xk, xr = (torch.randn(2, 5, 4, dtype=torch.float64, generator=gen) for _ in range(2))
+    w_k = torch.randn(7, 4, dtype=torch.float64, generator=gen)
+    w_k[0] = 0  # a hidden unit exactly at relu's kink
+    w_r = torch.randn(4, 4, dtype=torch.float64, generator=gen)
+    w_v = torch.randn(4, 7, dtype=torch.float64, generator=gen)
+    return xk, xr, w_k, w_r, w_v
+
+
+def test_channel_mix_products_equal_autograd_including_the_kink():
+    """The fused node's values and every gradient equal autograd through the separate ops."""
+    inputs = channel_mix_inputs()
+    g = torch.randn(2, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    a = [x.clone().requires_grad_() for x in inputs]
+    b = [x.clone().requires_grad_() for x in inputs]
+    out = channel_mix_products(*a)
+    (out * g).sum().backward()
+    (channel_mix_by_autograd(*b) * g).sum().backward()
+    assert torch.allclose(out, channel_mix_by_autograd(*inputs), rtol=0, atol=1e-12)
+    for x, y in zip(a, b):
+        assert torch.allclose(x.grad, y.grad, rtol=0, atol=1e-12)
     with torch.no_grad():
-        assert torch.equal(squared_relu(x), torch.square(torch.relu(x)))
+        assert torch.equal(squared_relu(inputs[0]), torch.square(torch.relu(inputs[0])))
 
 
-def test_squared_relu_gradcheck():
-    x = torch.randn(4, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    x = x.masked_fill(x.abs() < 1e-3, 0.5).requires_grad_()  # away from the kink at 0
-    assert torch.autograd.gradcheck(squared_relu, (x,))
+def test_channel_mix_products_gradcheck():
+    xk, xr, w_k, w_r, w_v = channel_mix_inputs(seed=2)
+    w_k[0] = 0.5  # away from the kink for finite differences
+    inputs = [x.requires_grad_() for x in (xk, xr, w_k, w_r, w_v)]
+    assert torch.autograd.gradcheck(channel_mix_products, inputs)
+
+
+def test_the_model_trains_through_the_fused_channel_mix_only_where_it_may():
+    """Grad enabled with plain weights: the fused node; under autocast or without grad: the
+    separate ops."""
+    from conftest import SHAPE_ATT, make_model
+
+    model = make_model(SHAPE_ATT)
+    ffn = model.blocks[0].ffn
+    x = torch.randn(2, 3, SHAPE_ATT.n_embd)
+    assert ffn._fused_training(x)
+    with torch.no_grad():
+        assert not ffn._fused_training(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not ffn._fused_training(x)
+    assert not ffn._fused_training(x[:, 0])
 
 
 @pytest.mark.parametrize("n_mixes", [1, 2, 3])

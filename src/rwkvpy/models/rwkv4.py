@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import RwkvpyError
-from ..ops.activation import squared_relu
+from ..ops.activation import channel_mix_products, squared_relu
 from ..ops.linear import Int8Linear, Linear, quantize_int8
 from ..ops.shift import time_mix
 from ..ops.wkv import WkvState, wkv_chunked, wkv_matmul, wkv_token
@@ -89,9 +89,18 @@ class ChannelMix(nn.Module):
 
     def forward(self, xx: Tensor, last_x: Tensor):
         xk, xr = time_mix(xx, last_x, self.time_mix_k, self.time_mix_r)
+        if self._fused_training(xk):
+            w = (self.key.weight, self.receptance.weight, self.value.weight)
+            return channel_mix_products(xk, xr, *w), _last(xx)
         k = squared_relu(self.key(xk))
         r = torch.sigmoid(self.receptance(xr))
         return r * self.value(k), _last(xx)
+
+
+    def _fused_training(self, xk: Tensor) -> bool:
+        projections = (self.key, self.receptance, self.value)
+        return (torch.is_grad_enabled() and xk.dim() == 3 and not torch.is_autocast_enabled(xk.device.type)
+                and all(type(p) is Linear and p.weight.dtype == xk.dtype for p in projections))
 
 
 def _last(xx: Tensor) -> Tensor:
