@@ -42,7 +42,7 @@ class _ChannelMixProducts(torch.autograd.Function):
         B, T, _ = g.shape
         g = g.reshape(B * T, -1)
         g_c = g * s
-        g_r = (g * c).mul_(s).mul_(1 - s)
+        g_r = torch.ops.aten.sigmoid_backward(g * c, s)
         g_h = torch.mm(g_c, w_v).mul_(h).mul_(2)
         return (torch.mm(g_h, w_k).view(B, T, -1), torch.mm(g_r, w_r).view(B, T, -1),
                 torch.mm(g_h.t(), xk2), torch.mm(g_r.t(), xr2), torch.mm(g_c.t(), h2))
