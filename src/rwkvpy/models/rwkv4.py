@@ -96,7 +96,6 @@ class ChannelMix(nn.Module):
         r = torch.sigmoid(self.receptance(xr))
         return r * self.value(k), _last(xx)
 
-
     def _fused_training(self, xk: Tensor) -> bool:
         projections = (self.key, self.receptance, self.value)
         return (torch.is_grad_enabled() and xk.dim() == 3 and not torch.is_autocast_enabled(xk.device.type)
@@ -228,7 +227,7 @@ class RWKV4(nn.Module):
 
     def compile_step(self) -> None:
         """Route ``step`` through ``torch.compile`` from now on: the per-token small ops fuse into a
-        few loops. fp32 decoding on 2 CPU cores measured ~1.3x the eager tokens/s
+        few loops. fp32 decoding on 2 CPU cores measured ~1.4x the eager tokens/s
         (docs/benchmarks.md). Each new batch size compiles first (~30 s for 12 x 768); needs
         a C++ compiler at run time, which is why this is opt-in."""
         if "step" not in self.__dict__:  # the instance attribute shadows the method

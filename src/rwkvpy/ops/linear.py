@@ -103,7 +103,7 @@ def project_channels_first(x: Tensor, weight: Tensor) -> Tensor:
     """x (B, T, in) -> x W^T as (B, T, out) whose memory is (out, B, T), for sums over time.
 
     The product W x^T writes that layout at no extra cost, where transposing afterwards is a
-    strided copy (~7x a plain one here). The gradient of x comes back in x's own layout.
+    strided copy (~7x a plain one here). The gradient of x comes back contiguous.
     """
     if (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
             and not torch.is_autocast_enabled(x.device.type)):  # autocast: dtypes differ in backward

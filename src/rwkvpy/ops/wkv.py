@@ -331,13 +331,15 @@ def wkv_matmul(
 ):
     """Parallel form as matrix products: one scale per row and channel instead of one per term.
 
-    With m = max_t (k_t + max(u, 0)) over the whole sequence (and the state's max), every term
+    With m = max_t k_t over the whole sequence (and the state's max), every term
     e^{(t-1-i) w + k_i - m} factors into a decay e^{(t-1-i) w} <= 1 and e^{k_i - m} <= 1, so the
     sums become products of a (C, L, L) decay matrix with the sequence (chunks of ``chunk_len``;
-    chunk to chunk the same with an (N, N) matrix). Nothing overflows. A denominator is at least
-    its own token's term e^{u+k_t-m}; where that could leave the normal range (some key more than
-    ~69 nats below the row's largest) the result comes from :func:`wkv_chunked` instead. The
-    backward is written out (:class:`_WkvMatmul`). Fastest with k and v stored channels first (memory (C, B, T)); the output takes k's layout.
+    the current token's bonus e^u on its diagonal; chunk to chunk the same with an (N, N)
+    matrix). Every factor also carries e^{-max(u, 0)}, so nothing overflows. A denominator is at
+    least its own token's term; where that could leave the normal range (some key more than ~69
+    nats below the row's largest) the result comes from :func:`wkv_chunked` instead. The
+    backward is written out (:class:`_WkvMatmul`). Fastest with k and v stored channels first
+    (memory (C, B, T)); the output takes k's layout.
     The final state is exact, as in every form; ``final_state=False`` skips it (None instead).
     """
     if chunk_len < 1:
