@@ -15,7 +15,7 @@ from rwkvpy.checkpoint import read_checkpoint, save_native, write_checkpoint
 from rwkvpy.cli import main
 from rwkvpy.errors import CheckpointError
 from rwkvpy.models import RWKV4Config, RWKV4State, build_model, random_state_dict
-from rwkvpy.models.rwkv4 import quantize_state_dict
+from rwkvpy.models.rwkv4 import RWKV4, quantize_state_dict
 from rwkvpy.ops.linear import (HALF_GEMV_MAX_ROWS, INT8_GEMV_MAX_ROWS, SPLIT_MAX_ROWS, SPLIT_MIN_NUMEL,
                                project, quantize_int8)
 
@@ -123,6 +123,27 @@ def test_narrow_models_stay_close_to_fp32(kind, tol, shape):
     assert rel_err(whole, ref_whole) < tol
     assert rel_err(steps, ref_steps) < tol
     assert rel_err(steps, whole) < tol
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kw", [{}, {"dtype": torch.bfloat16}, {"quantize": "int8"}], ids=["fp32", "bf16", "int8"])
+def test_compiled_step_decodes_as_the_eager_step(kw):
+    """compile_step (torch.compile, opt-in) changes speed only: logits and states token by token,
+    two streams, for every weight storage (widths 48/168: the int8 kernel is used)."""
+    cfg = SHAPES["ffn35"]
+    model = build_model(cfg, random_state_dict(cfg, seed=4), **kw)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, eager = model(tokens[:, :2])
+        compiled = eager
+        model.compile_step()
+        assert "step" in model.__dict__
+        for t in range(2, tokens.shape[1]):
+            ref, eager = RWKV4.step(model, tokens[:, t], eager)
+            out, compiled = model.step(tokens[:, t], compiled)
+            assert rel_err(out, ref) < 1e-5
+    for name, x in compiled.tensors().items():
+        assert torch.allclose(x.float(), eager.tensors()[name].float(), rtol=1e-5, atol=1e-6), name
 
 
 def test_int8_model_is_the_dequantized_model():

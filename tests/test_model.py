@@ -6,7 +6,6 @@ import torch
 from conftest import SHAPE_ATT, make_model, rel_err
 from rwkvpy import RwkvpyError
 from rwkvpy.models import RWKV4State
-from rwkvpy.models.rwkv4 import RWKV4
 
 T = 40
 
@@ -171,24 +170,6 @@ def test_bf16_autocast_training_gives_the_fp32_gradients_within_bf16_precision()
     fp32, bf16 = gradients(False), gradients(True)
     assert torch.isfinite(bf16).all()
     assert torch.nn.functional.cosine_similarity(fp32, bf16, dim=0) > 0.999
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_step_decodes_as_the_eager_step(dtype):
-    """compile_step (torch.compile, opt-in) changes speed only: logits and states token by token."""
-    model = make_model(SHAPE_ATT, dtype=dtype)
-    toks = tokens_for(SHAPE_ATT)
-    with torch.no_grad():
-        _, eager = model(toks[:, :2])
-        compiled = eager
-        model.compile_step()
-        assert "step" in model.__dict__
-        for t in range(2, toks.shape[1]):
-            ref, eager = RWKV4.step(model, toks[:, t], eager)
-            out, compiled = model.step(toks[:, t], compiled)
-            assert rel_err(out, ref) < 1e-5
-        assert_states_close(compiled, eager, 1e-5)
 
 
 def test_bad_inputs_are_named():
