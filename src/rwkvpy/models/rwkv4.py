@@ -32,15 +32,18 @@ from ..ops.wkv import WkvState, wkv_chunked, wkv_matmul, wkv_token
 from .config import PROJECTIONS, SCALE_SUFFIX, RWKV4Config, is_quantized
 from .state import RWKV4State
 
-# The parallel WKV form and its chunk length, as measured (docs/benchmarks.md). Inference: the
-# chunked form; work within chunks grows with chunk_len, the number of chunk groups (and so of
-# small ops) shrinks with it; on a CPU the arithmetic dominates (4 was fastest for prefill), on a
-# GPU kernel launches do. Training: the matrix-product form with its written-out backward, fed
-# channels first (4 x 128 steps 76.5 -> ~46 ms, 6 x 512 1991 -> ~1510 ms; chunks of 16 measured
-# fastest of 8/16/32/64), unless compiled.
+# The parallel WKV form and its chunk length, as measured (docs/benchmarks.md). Training: the
+# matrix-product form with its written-out backward, fed channels first (4 x 128 steps 76.5 ->
+# ~46 ms, 6 x 512 1991 -> ~1510 ms; chunks of 16 fastest of 8/16/32/64). Inference on a CPU: the
+# same form with chunks of 32 (12 x 768, 1024-token prefill: 750 tok/s against 650 for the
+# chunked form, and 724/728 for chunks of 64/16; 8 prompts of 64: 1.27x; one prompt of <= 64
+# tokens: 3% slower). Compiled, or on a GPU (measured only with it): the chunked form, whose work
+# within chunks grows with chunk_len while its number of small ops shrinks; on a CPU arithmetic
+# dominates (4 was fastest), on a GPU kernel launches do (64).
 CHUNK_LEN_CPU = 4
 CHUNK_LEN_ACCELERATOR = 64
 TRAIN_CHUNK_LEN = 16
+PREFILL_CHUNK_LEN_CPU = 32
 QUANTIZATIONS = (None, "int8")
 
 
@@ -267,8 +270,9 @@ def parallel_wkv(training: bool, device_type: str, chunk_len: int | None = None,
     # Compiled, the chunked form: safe for any keys without the matmul form's data-dependent
     # fallback, and its elementwise ops fuse (4 x 128: 8% faster than the compiled matmul form;
     # 6 x 512: 10% slower, docs/benchmarks.md).
-    if training and not torch.compiler.is_compiling():
-        run = functools.partial(wkv_matmul, chunk_len=chunk_len or TRAIN_CHUNK_LEN, final_state=final_state)
+    if not torch.compiler.is_compiling() and (training or device_type == "cpu"):
+        default = TRAIN_CHUNK_LEN if training else PREFILL_CHUNK_LEN_CPU
+        run = functools.partial(wkv_matmul, chunk_len=chunk_len or default, final_state=final_state)
         return WkvForm(run, True)
     default = CHUNK_LEN_CPU if device_type == "cpu" else CHUNK_LEN_ACCELERATOR
     return WkvForm(functools.partial(wkv_chunked, chunk_len=chunk_len or default), False)
