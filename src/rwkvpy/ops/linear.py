@@ -78,6 +78,10 @@ def project(x: Tensor, weight: Tensor, scale: Tensor | None = None,
     return F.linear(x, weight.to(x.dtype))
 
 
+def _product_channels_first(x2: Tensor, weight: Tensor, B: int, T: int) -> Tensor:
+    return torch.mm(weight, x2.t()).view(-1, B, T).permute(1, 2, 0)
+
+
 class _ProjectChannelsFirst(torch.autograd.Function):
     """One autograd node where reshape, transpose, mm, view and permute would make five."""
 
@@ -86,7 +90,7 @@ class _ProjectChannelsFirst(torch.autograd.Function):
         B, T, n_in = x.shape
         x2 = x.reshape(B * T, n_in)
         ctx.save_for_backward(x2, weight)
-        return torch.mm(weight, x2.t()).view(-1, B, T).permute(1, 2, 0)
+        return _product_channels_first(x2, weight, B, T)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -109,7 +113,7 @@ def project_channels_first(x: Tensor, weight: Tensor) -> Tensor:
             and not torch.is_autocast_enabled(x.device.type)):  # autocast: dtypes differ in backward
         return _ProjectChannelsFirst.apply(x, weight)
     B, T, n_in = x.shape
-    return torch.mm(weight, x.reshape(B * T, n_in).t()).view(-1, B, T).permute(1, 2, 0)
+    return _product_channels_first(x.reshape(B * T, n_in), weight, B, T)
 
 
 def _project_int8(x: Tensor, q: Tensor, scale: Tensor, scale_bf16: Tensor | None) -> Tensor:

@@ -238,12 +238,15 @@ def _decays(w: Tensor, u: Tensor, L: int, N: int) -> _Decays:
 def _decayed_sums(d: _Decays, z: Tensor, z0: Tensor | None, L: int, adjoint: bool):
     """The causal decayed sums and their adjoint, for sequences z (C, X, N * L), z0 (C, X).
 
-    sums:    s_t = sum_{i<t} e^{(t-1-i) w} z_i + e^{t w} z0   -> s (C, X, N * L); per chunk (C, X, N):
-             its total at its end, that total's derivative in w, and what enters the chunk
-    adjoint: s_i = sum_{t>i} e^{(t-1-i) w} z_t                -> s; per chunk: its total seen from
-             its start, that total's derivative in w, and what reaches its end from later chunks
-    Within chunks a product with the (L, L) decay matrix; chunk to chunk with the (N, N) one;
-    the adjoint uses the transposed matrices and swaps the chunk's entry and exit decays.
+    sums:    s_t = D_tt z_t + sum_{i<t} D_ti z_i + (decay) z0  -> s (C, X, N * L); per chunk
+             (C, X, N): its total at its end, that total's derivative in w, and what enters it
+    adjoint: s_i = D_ii z_i + sum_{t>i} D_ti z_t               -> s; per chunk: its total seen
+             from its start, that total's derivative in w, and what reaches its end from later
+             chunks
+    with D the factors of :class:`_Decays` (the bonus on the diagonal, e^{-max(u,0)} on every
+    factor that reaches an output). Within chunks a product with the (L, L) decay matrix; chunk
+    to chunk with the (N, N) one; the adjoint uses the transposed matrices and swaps the chunk's
+    entry and exit decays.
     """
     C, X, T = z.shape
     N = T // L
@@ -325,6 +328,14 @@ class _WkvMatmul(torch.autograd.Function):
         return gw, gu, gk, gv, None, g0, None
 
 
+def _own_terms_may_underflow(k: Tensor, u: Tensor, m: Tensor) -> bool:
+    """Checked before the work, from k alone (a reduction over k costs a fifth of one over the
+    denominators, each at least its own token's term e^{u+k-m-max(u,0)}): whether that term can
+    fall below 1e8 times the smallest normal number."""
+    own = (k.amin(1) - m) + (u - u.clamp_min(0))
+    return bool(own.amin() < math.log(torch.finfo(k.dtype).tiny * 1e8))
+
+
 def wkv_matmul(
     w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WkvState | None = None, chunk_len: int = 64,
     final_state: bool = True,
@@ -351,12 +362,7 @@ def wkv_matmul(
     if state is not None:
         s = _initial(state, k)
         m = torch.maximum(m, s.max.detach())
-    # Checked before the work, from k alone (a reduction over k costs a fifth of one over den):
-    # the smallest own-token term e^{u+k-m-max(u,0)} must stay 1e8 above the smallest normal
-    # number.
-    lowest = math.log(torch.finfo(k.dtype).tiny * 1e8)
-    own = (kd.amin(1) - m) + (ud - ud.clamp_min(0))
-    if not torch.compiler.is_compiling() and bool(own.amin() < lowest):
+    if not torch.compiler.is_compiling() and _own_terms_may_underflow(kd, ud, m):
         out, last = wkv_chunked(w, u, k, v, state, chunk_len=4)
         return out, last if final_state else None
     if s is not None:
