@@ -1,4 +1,5 @@
 import os
+import tempfile
 from pathlib import Path
 
 # Shared corpora and tokenizer files: ../shared/data beside the project, or RWKVPY_SHARED_DATA.
@@ -7,6 +8,8 @@ SHARED_DATA = Path(os.environ.get("RWKVPY_SHARED_DATA", Path(__file__).resolve()
 # The official package reads these at import time: plain PyTorch, no JIT, no CUDA build.
 os.environ.setdefault("RWKV_JIT_ON", "0")
 os.environ.setdefault("RWKV_CUDA_ON", "0")
+# Kernel plans measured by the tests go to a folder of their own, never the user's cache.
+os.environ["RWKVPY_CACHE_DIR"] = tempfile.mkdtemp(prefix="rwkvpy-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

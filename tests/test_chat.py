@@ -121,7 +121,7 @@ def run_chat(model_dir, script: str):
 
 
 def test_chat_save_then_load_in_a_new_process_continues_identically(tmp_path):
-    make_model(CFG, seed=4).save(tmp_path / "model")
+    rwkvpy.save(make_model(CFG, seed=4), tmp_path / "model")
     state = tmp_path / "chat.st"
     first = run_chat(tmp_path / "model", f"hello\n/save {state}\nnext question\n")
     second = run_chat(tmp_path / "model", f"/load {state}\nnext question\n")
@@ -139,7 +139,7 @@ def test_generate_cli_errors_are_one_line(tmp_path, args, pattern):
 
     from pathlib import Path
 
-    make_model(CFG).save(tmp_path / "model")
+    rwkvpy.save(make_model(CFG), tmp_path / "model")
     vocab = Path(rwkv.rwkv_tokenizer.__file__).parent / "rwkv_vocab_v20230424.txt"
     full = ["--model", str(tmp_path / "model")] + [str(vocab) if a == "VOCAB" else a for a in args]
     r = subprocess.run([sys.executable, "-m", "rwkvpy", "generate", *full], capture_output=True, text=True)
@@ -149,7 +149,7 @@ def test_generate_cli_errors_are_one_line(tmp_path, args, pattern):
 
 
 def test_generate_cli_is_reproducible_and_reads_stdin(tmp_path):
-    make_model(CFG).save(tmp_path / "model")
+    rwkvpy.save(make_model(CFG), tmp_path / "model")
     cmd = [sys.executable, "-m", "rwkvpy", "generate", "--model", str(tmp_path / "model"), "--seed", "11",
            "--max-tokens", "30"]
     a = subprocess.run(cmd + ["Once"], capture_output=True, text=True)

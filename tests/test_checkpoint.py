@@ -53,7 +53,7 @@ def test_every_format_loads_to_the_same_model(tmp_path, sd, pth):
     save_native(CFG, sd, tmp_path / "nat")
     bin_dir = tmp_path / "hf_bin"
     write_hf(CFG, sd, bin_dir)
-    hf_sd = rwkvpy.checkpoint.safetensors_io.read_safetensors(bin_dir / "model.safetensors")[0]
+    hf_sd = rwkvpy.io.read_safetensors(bin_dir / "model.safetensors")[0]
     (bin_dir / "model.safetensors").unlink()
     torch.save(hf_sd, bin_dir / "pytorch_model.bin")
     assert len(list((tmp_path / "hf_sharded").glob("model-*.safetensors"))) > 1
@@ -210,7 +210,7 @@ def test_native_config_disagreeing_with_tensors(tmp_path, sd):
     cfg_file = tmp_path / "config.json"
     cfg_file.write_text(cfg_file.read_text().replace('"n_layer": 3', '"n_layer": 4'))
     (tmp_path / "model.safetensors").write_bytes((tmp_path / "model.safetensors").read_bytes())
-    from rwkvpy.checkpoint.safetensors_io import write_safetensors
+    from rwkvpy.io import write_safetensors
 
     write_safetensors(sd, tmp_path / "model.safetensors", {})  # config only in config.json now
     expect_error(tmp_path, "missing key 'blocks.3")
@@ -281,7 +281,7 @@ def test_cli_info(pth):
 
 def test_model_save_then_load(tmp_path, pth):
     model = rwkvpy.load(pth)
-    model.save(tmp_path / "saved")
+    rwkvpy.save(model, tmp_path / "saved")
     back = rwkvpy.load(tmp_path / "saved")
     assert back.config == model.config
     assert_bit_identical(back.state_dict(), model.state_dict())

@@ -47,22 +47,30 @@ def test_channel_mix_products_gradcheck():
     assert torch.autograd.gradcheck(channel_mix_products, inputs)
 
 
-def test_the_model_trains_through_the_fused_channel_mix_only_where_it_may():
-    """Grad enabled with plain weights: the fused node; under autocast or without grad: the
-    separate ops."""
+def test_the_model_trains_through_the_fused_channel_mix_only_where_it_may(monkeypatch):
+    """A gradient wanted with plain weights: the fused node; under autocast, without grad, or
+    with no parameter requiring grad (a loaded model outside no_grad): the separate ops."""
+    import rwkvpy.models.rwkv4 as rwkv4
     from conftest import SHAPE_ATT, make_model
 
-    model = make_model(SHAPE_ATT)
-    ffn = model.blocks[0].ffn
-    x = torch.randn(2, 3, SHAPE_ATT.n_embd)
-    assert ffn._fused_training(x)
+    calls = []
+    fused = rwkv4.channel_mix_products
+    monkeypatch.setattr(rwkv4, "channel_mix_products", lambda *a: calls.append(1) or fused(*a))
+    model = make_model(SHAPE_ATT).requires_grad_(True)
+    tokens = torch.randint(0, SHAPE_ATT.vocab_size, (2, 5))
+
+    def fused_calls():
+        calls.clear()
+        model(tokens)
+        return len(calls)
+
+    assert fused_calls() == SHAPE_ATT.n_layer
     with torch.no_grad():
-        assert not ffn._fused_training(x)
+        assert fused_calls() == 0
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not ffn._fused_training(x)
-    assert not ffn._fused_training(x[:, 0])
-
-
+        assert fused_calls() == 0
+    model.requires_grad_(False)
+    assert fused_calls() == 0
 @pytest.mark.parametrize("n_mixes", [1, 2, 3])
 def test_time_mix_backward_equals_autograd(n_mixes):
     """time_mix's written-out backward equals autograd through shift + interpolation."""

@@ -7,11 +7,10 @@
 
 from .errors import CheckpointError, RwkvpyError
 from .generation import ChatSession, SamplingParams, generate
-from .loading import load
-from .models import RWKV4, RWKV4Config, RWKV4State
-from .models.state import load_state
+from .loading import load, save
+from .models import RWKV4, RWKV4Config, RWKV4State, load_state
 from .tokenizers import load_tokenizer
 
 __version__ = "0.1.0"
-__all__ = ["load", "load_tokenizer", "load_state", "generate", "SamplingParams", "ChatSession", "RWKV4",
+__all__ = ["load", "save", "load_tokenizer", "load_state", "generate", "SamplingParams", "ChatSession", "RWKV4",
            "RWKV4Config", "RWKV4State", "RwkvpyError", "CheckpointError"]

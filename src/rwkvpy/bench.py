@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .ops.linear import native_bf16
+from .ops.plan import cpu_flags
 
 KINDS = {"fp32": {}, "bf16": {"dtype": "bf16"}, "fp16": {"dtype": "fp16"}, "int8": {"quantize": "int8"}}
 OFFICIAL_STRATEGY = {"fp32": "cpu fp32", "bf16": "cpu bf16", "int8": "cpu fp32i8"}
@@ -56,7 +56,7 @@ def machine() -> dict:
     except OSError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": native_bf16(),
+            "capability": torch.backends.cpu.get_cpu_capability(), "flags": cpu_flags(),
             "torch": torch.__version__, "python": platform.python_version()}
 
 

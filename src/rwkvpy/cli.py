@@ -15,28 +15,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import FORMATS, read_checkpoint, write_checkpoint
+from .checkpoint import FORMATS, convert_checkpoint, probe_tokens, read_checkpoint
 from .errors import RwkvpyError
 from .generation import FORMATS as CHAT_FORMATS
 from .generation import ChatSession, SamplingParams, generate
 from .loading import default_model_path, load
-from .models import RWKV4Config, build_model, random_state_dict
-from .models.state import load_state
+from .models import PROJECTIONS, RWKV4Config, build_model, load_state, random_state_dict
+from .ops.quant import check_loss_increase, is_quantized, logit_agreement, quantize_state_dict
 from .tokenizers import tokenizer_for_model
-
-
-def probe_tokens(vocab_size: int, length: int = 32) -> torch.Tensor:
-    """A fixed token sequence for comparing two models' logits."""
-    g = torch.Generator().manual_seed(1234)
-    return torch.randint(0, vocab_size, (1, length), generator=g)
-
-
-@torch.no_grad()
-def compare_logits(a, b, tokens: torch.Tensor) -> tuple[float, float]:
-    """(max |logit difference|, max |logit|) of two models on ``tokens``, parallel form."""
-    la, _ = a(tokens)
-    lb, _ = b(tokens)
-    return (la - lb).abs().max().item(), la.abs().max().item()
 
 
 def cmd_convert(args) -> int:
@@ -45,18 +31,10 @@ def cmd_convert(args) -> int:
         raise RwkvpyError(f"{dst}: already exists (pass --overwrite to replace it)")
     if dst.resolve() == src.resolve():
         raise RwkvpyError(f"{dst}: destination is the source")
-    cfg, sd, fmt = read_checkpoint(src)
-    print(f"read {src} ({fmt}): {_describe(cfg, sd)}")
-    write_checkpoint(cfg, sd, dst, args.to)
-    cfg2, sd2, _ = read_checkpoint(dst)
-    same = sum(torch.equal(sd[k], sd2[k]) and sd[k].dtype == sd2[k].dtype for k in sd)
-    print(f"wrote {dst} ({args.to}): {same}/{len(sd)} tensors bit-identical")
-    tokens = probe_tokens(cfg.vocab_size)
-    diff, scale = compare_logits(build_model(cfg, sd), build_model(cfg2, sd2), tokens)
-    print(f"probe: max |logit difference| = {diff:.3g} over {tokens.shape[1]} tokens (fp32)")
-    # Formats only rename tensors, so anything beyond fp32 rounding means a broken conversion.
-    if cfg2 != cfg or not diff <= 1e-6 * max(1.0, scale):
-        raise RwkvpyError(f"{dst}: conversion changed the model (max logit difference {diff:.3g})")
+    r = convert_checkpoint(src, dst, args.to)
+    print(f"read {src} ({r['source_format']}): {_describe(r['config'], r['state_dict'])}")
+    print(f"wrote {dst} ({args.to}): {r['identical']}/{r['tensors']} tensors bit-identical")
+    print(f"probe: max |logit difference| = {r['max_logit_diff']:.3g} over {r['probe_tokens']} tokens (fp32)")
     return 0
 
 
@@ -67,8 +45,6 @@ def _nbytes(sd) -> int:
 @torch.no_grad()
 def cmd_quantize(args) -> int:
     from .checkpoint.native import save_native
-    from .models.config import is_quantized
-    from .models.rwkv4 import quantize_state_dict
     from .tokenizers import find_tokenizer_file
 
     src, dst = Path(args.src), Path(args.dst)
@@ -77,19 +53,16 @@ def cmd_quantize(args) -> int:
     cfg, sd, fmt = read_checkpoint(src)
     if is_quantized(sd):
         raise RwkvpyError(f"{src}: already quantized to int8")
-    qsd = quantize_state_dict(sd)
+    qsd = quantize_state_dict(sd, PROJECTIONS)
     print(f"read {src} ({fmt}): {_describe(cfg, sd)}")
     print(f"int8 projections with one scale per output row: {_nbytes(sd) / 2**20:,.1f} MiB -> "
           f"{_nbytes(qsd) / 2**20:,.1f} MiB")
     ref, quant = build_model(cfg, sd), build_model(cfg, qsd)
 
     tokens = probe_tokens(cfg.vocab_size, 64)
-    lr, lq = ref(tokens)[0][0], quant(tokens)[0][0]
-    pr, pq = lr.log_softmax(-1), lq.log_softmax(-1)
-    kl = (pr.exp() * (pr - pq)).sum(-1).mean().item()
-    agree = (lr.argmax(-1) == lq.argmax(-1)).float().mean().item()
-    print(f"probe ({tokens.shape[1]} tokens): max |logit difference| {(lr - lq).abs().max().item():.3g}, "
-          f"mean KL(fp32 || int8) {kl:.3g} nats, top-1 agreement {agree:.1%}")
+    q = logit_agreement(ref(tokens)[0][0], quant(tokens)[0][0])
+    print(f"probe ({tokens.shape[1]} tokens): max |logit difference| {q['max_abs_diff']:.3g}, "
+          f"mean KL(fp32 || int8) {q['kl']:.3g} nats, top-1 agreement {q['top1']:.1%}")
     if args.data:
         from .train.evaluate import evaluate_file
 
@@ -100,9 +73,8 @@ def cmd_quantize(args) -> int:
         change = (losses[1] - losses[0]) / losses[0]
         print(f"validation loss on {args.data}: fp32 {losses[0]:.4f}, int8 {losses[1]:.4f} nats/token "
               f"({change:+.2%})")
-        if change > args.max_loss_increase / 100 and not args.force:
-            raise RwkvpyError(f"int8 raises the validation loss by {change:.2%}, more than "
-                              f"--max-loss-increase {args.max_loss_increase}%; nothing written (--force writes it)")
+        if not args.force:
+            check_loss_increase(losses[0], losses[1], args.max_loss_increase)
     save_native(cfg, qsd, dst)
     tok = find_tokenizer_file(src) if src.is_dir() else None
     if tok is not None:

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import read_checkpoint
+from .checkpoint import read_checkpoint, save_native
 from .errors import RwkvpyError
 from .models.rwkv4 import RWKV4, build_model
+from .ops.linear import plan_projections
+from .ops.plan import kernels_mode
 
 DEFAULT_MODEL = Path(__file__).parent / "data" / "default"
 
@@ -53,7 +55,19 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu",
     The model is ready for inference: eval mode, and no parameter requires grad, so calls
     build no autograd graph and take the fast no-grad kernels even outside ``torch.no_grad()``
     (``model.requires_grad_(True)`` to fine-tune).
+
+    Projections get the kernels planned for this machine (:mod:`rwkvpy.ops.plan`: timed once,
+    checked against float64, cached); ``RWKVPY_KERNELS=safe`` keeps plain ``F.linear``.
     """
     cfg, sd, _ = read_checkpoint(path)
     model = build_model(cfg, sd, dtype=parse_dtype(dtype), device=device, quantize=quantize)
-    return model.requires_grad_(False)
+    model.requires_grad_(False)
+    if kernels_mode() == "planned":
+        plan_projections(model)
+    return model
+
+
+def save(model, path: str | os.PathLike) -> None:
+    """Write a model in rwkvpy's own format (a folder: safetensors with the official key names,
+    and config.json), atomically; ``rwkvpy.load`` reads it back."""
+    save_native(model.config, model.state_dict(), path)

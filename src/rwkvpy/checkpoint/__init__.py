@@ -12,10 +12,12 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from ..errors import CheckpointError
-from ..models.config import RWKV4Config, is_quantized
+from ..models import RWKV4Config, build_model
+from ..ops.quant import is_quantized
 from .hf import hf_layer_norm_eps, is_hf_folder, read_hf, write_hf
 from .keys import detect_other_version, infer_config, validate
 from .native import is_native_folder, read_native, save_native
@@ -76,5 +78,30 @@ def write_checkpoint(cfg: RWKV4Config, sd: dict[str, Tensor], path, fmt: str) ->
         raise CheckpointError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
 
-__all__ = ["FORMATS", "detect_format", "read_checkpoint", "write_checkpoint", "read_pth", "write_pth",
+def probe_tokens(vocab_size: int, length: int = 32) -> Tensor:
+    """A fixed token sequence for comparing two models' logits."""
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(0, vocab_size, (1, length), generator=g)
+
+
+@torch.no_grad()
+def convert_checkpoint(src, dst, fmt: str) -> dict:
+    """Write ``src`` in format ``fmt`` at ``dst``, read it back and prove it is the same model:
+    every tensor compared, and both models' fp32 logits on a probe sequence. Formats only
+    rename tensors, so anything beyond fp32 rounding is a broken conversion (an error)."""
+    cfg, sd, src_fmt = read_checkpoint(src)
+    write_checkpoint(cfg, sd, dst, fmt)
+    cfg2, sd2, _ = read_checkpoint(dst)
+    same = sum(k in sd2 and torch.equal(sd[k], sd2[k]) and sd[k].dtype == sd2[k].dtype for k in sd)
+    tokens = probe_tokens(cfg.vocab_size)
+    a, _ = build_model(cfg, sd)(tokens)
+    b, _ = build_model(cfg2, sd2)(tokens)
+    diff, scale = (a - b).abs().max().item(), a.abs().max().item()
+    if cfg2 != cfg or not diff <= 1e-6 * max(1.0, scale):
+        raise CheckpointError(f"{dst}: conversion changed the model (max logit difference {diff:.3g})")
+    return {"config": cfg, "state_dict": sd, "source_format": src_fmt, "identical": same, "tensors": len(sd),
+            "max_logit_diff": diff, "probe_tokens": tokens.shape[1]}
+
+
+__all__ = ["FORMATS", "convert_checkpoint", "probe_tokens", "detect_format", "read_checkpoint", "write_checkpoint", "read_pth", "write_pth",
            "read_hf", "write_hf", "read_native", "save_native"]

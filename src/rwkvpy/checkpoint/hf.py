@@ -12,9 +12,9 @@ from torch import Tensor
 
 from ..errors import CheckpointError
 from ..io import atomic_write_text
-from ..models.config import RWKV4Config
+from ..models import RWKV4Config
 from .pth import read_pth
-from .safetensors_io import read_safetensors, write_safetensors
+from ..io import read_safetensors, write_safetensors
 
 # (official, Hugging Face) fragments; applied to whole path components.
 _BLOCK_RENAMES = [

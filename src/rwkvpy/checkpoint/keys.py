@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError
-from ..models.config import PROJECTIONS, SCALE_SUFFIX, RWKV4Config, is_quantized
+from ..models import PROJECTIONS, RWKV4Config, parameter_shapes
+from ..ops.quant import SCALE_SUFFIX, is_quantized
 
 # Key fragments that identify other RWKV generations (checked before anything else, so the
 # message names the real problem instead of a list of missing keys).
@@ -22,34 +23,6 @@ _OTHER_VERSIONS = [
     ("RWKV-6", (".att.time_maa", ".att.time_faaaa", ".ffn.time_maa")),
     ("RWKV-5", (".att.ln_x.", ".att.gate.")),
 ]
-
-
-def expected_shapes(cfg: RWKV4Config) -> dict[str, tuple[int, ...]]:
-    """Every key of an RWKV-4 checkpoint with its shape, in the official order."""
-    C, A, F, V = cfg.n_embd, cfg.dim_att, cfg.dim_ffn, cfg.vocab_size
-    shapes: dict[str, tuple[int, ...]] = {"emb.weight": (V, C)}
-    for i in range(cfg.n_layer):
-        p = f"blocks.{i}."
-        lns = ("ln0", "ln1", "ln2") if i == 0 else ("ln1", "ln2")
-        for ln in lns:
-            shapes[f"{p}{ln}.weight"] = (C,)
-            shapes[f"{p}{ln}.bias"] = (C,)
-        shapes[p + "att.time_decay"] = (A,)
-        shapes[p + "att.time_first"] = (A,)
-        for m in "kvr":
-            shapes[f"{p}att.time_mix_{m}"] = (1, 1, C)
-        for name in ("key", "value", "receptance"):
-            shapes[f"{p}att.{name}.weight"] = (A, C)
-        shapes[p + "att.output.weight"] = (C, A)
-        for m in "kr":
-            shapes[f"{p}ffn.time_mix_{m}"] = (1, 1, C)
-        shapes[p + "ffn.key.weight"] = (F, C)
-        shapes[p + "ffn.receptance.weight"] = (C, C)
-        shapes[p + "ffn.value.weight"] = (C, F)
-    shapes["ln_out.weight"] = (C,)
-    shapes["ln_out.bias"] = (C,)
-    shapes["head.weight"] = (V, C)
-    return shapes
 
 
 def detect_other_version(keys) -> str | None:
@@ -95,7 +68,7 @@ def validate(sd: Mapping[str, Tensor], cfg: RWKV4Config, source: str) -> dict[st
     are reshaped to the official shape; the values are untouched. An int8 checkpoint has
     int8 projections, each with its per-row scales under ``<key>_scale``.
     """
-    shapes = expected_shapes(cfg)
+    shapes = parameter_shapes(cfg)
     quantized = is_quantized(sd)
     if quantized:
         for key in [k for k in shapes if k.endswith(PROJECTIONS)]:

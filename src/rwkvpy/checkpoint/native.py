@@ -12,8 +12,8 @@ from torch import Tensor
 
 from ..errors import CheckpointError
 from ..io import atomic_write_text
-from ..models.config import RWKV4Config
-from .safetensors_io import read_safetensors, write_safetensors
+from ..models import RWKV4Config
+from ..io import read_safetensors, write_safetensors
 
 FORMAT = "rwkvpy"
 FORMAT_VERSION = 1

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..errors import RwkvpyError
-from ..models.state import RWKV4State, load_state_and_metadata
+from ..models.state import RecurrentState, load_state_and_metadata
 from ..tokenizers.base import Tokenizer
 from .loop import Generation
 from .sampling import SamplingParams, make_generator
@@ -58,10 +58,10 @@ class ChatSession:
         self.reset()
 
     def reset(self) -> None:
-        self.state: RWKV4State | None = None
+        self.state: RecurrentState | None = None
         self.transcript = ""  # all text the state has read
         self.history: list[int] = []  # all tokens fed in this session
-        self._last_turn: tuple[RWKV4State | None, str, int, str] | None = None
+        self._last_turn: tuple[RecurrentState | None, str, int, str] | None = None
 
     def _turn_text(self, message: str) -> str:
         text = ""

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import torch
 
 from ..errors import RwkvpyError
-from ..models.state import RWKV4State
+from ..models.state import RecurrentState
 from ..tokenizers.base import Tokenizer
 from .sampling import Penalties, SamplingParams, apply_penalties, ban_tokens, make_generator, sample
 
@@ -26,7 +26,7 @@ PREFILL_CHUNK = 512  # tokens per parallel-form call: bounds memory for any prom
 
 
 @torch.no_grad()
-def prefill(model, tokens: list[int], state: RWKV4State | None = None, chunk: int = PREFILL_CHUNK):
+def prefill(model, tokens: list[int], state: RecurrentState | None = None, chunk: int = PREFILL_CHUNK):
     """Feed tokens (one sequence) in chunks; returns (logits of the last token (V,), state)."""
     if not tokens:
         raise RwkvpyError("the prompt is empty: there is nothing to continue from")
@@ -71,7 +71,7 @@ class Generation:
     ``finish_reason`` ('stop_token', 'stop_string' or 'length') and ``stop_token``."""
 
     def __init__(self, model, tokenizer: Tokenizer, prompt: str | list[int], params: SamplingParams,
-                 state: RWKV4State | None = None, generator: torch.Generator | None = None,
+                 state: RecurrentState | None = None, generator: torch.Generator | None = None,
                  prefill_chunk: int = PREFILL_CHUNK):
         self.model, self.tokenizer, self.params = model, tokenizer, params
         self.prefill_chunk = prefill_chunk
@@ -133,7 +133,7 @@ class Generation:
             yield self._emit(tail)
 
 
-def generate(model, tokenizer: Tokenizer, prompt: str | list[int], *, state: RWKV4State | None = None,
+def generate(model, tokenizer: Tokenizer, prompt: str | list[int], *, state: RecurrentState | None = None,
              params: SamplingParams | None = None, prefill_chunk: int = PREFILL_CHUNK,
              **sampling) -> Generation:
     """Start a generation; iterate it for text pieces. ``sampling`` fields as in SamplingParams."""

@@ -15,36 +15,127 @@ with ``ln0`` applied to the embedding before block 0 and ``head(ln_out(x))`` at 
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import math
-from typing import Callable, NamedTuple
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import RwkvpyError
+from ..errors import CheckpointError, RwkvpyError
 from ..ops.activation import channel_mix_products, squared_relu
-from ..ops.linear import Int8Linear, Linear, quantize_int8
+from ..ops.linear import Int8Linear, Linear
+from ..ops.quant import SCALE_SUFFIX, is_quantized, quantize_state_dict
 from ..ops.shift import time_mix
-from ..ops.wkv import WkvState, wkv_chunked, wkv_matmul, wkv_token
-from .config import PROJECTIONS, SCALE_SUFFIX, RWKV4Config, is_quantized
-from .state import RWKV4State
+from ..ops.wkv import EMPTY_LOG, WkvState, own_terms_may_underflow, wkv_chunked, wkv_matmul, wkv_token
+from .base import ModelBase
+from .state import RecurrentState
 
-# The parallel WKV form and its chunk length, as measured (docs/benchmarks.md). Training: the
-# matrix-product form with its written-out backward, fed channels first (4 x 128 steps 76.5 ->
-# ~46 ms, 6 x 512 1991 -> ~1510 ms; chunks of 16 fastest of 8/16/32/64). Inference on a CPU: the
-# same form with chunks of 32 (12 x 768, 1024-token prefill: 750 tok/s against 650 for the
-# chunked form, and 724/728 for chunks of 64/16; 8 prompts of 64: 1.27x; one prompt of <= 64
-# tokens: 3% slower). Compiled, or on a GPU (measured only with it): the chunked form, whose work
-# within chunks grows with chunk_len while its number of small ops shrinks; on a CPU arithmetic
-# dominates (4 was fastest), on a GPU kernel launches do (64).
-CHUNK_LEN_CPU = 4
-CHUNK_LEN_ACCELERATOR = 64
-TRAIN_CHUNK_LEN = 16
-PREFILL_CHUNK_LEN_CPU = 32
+# Form choice: the measurements behind these numbers are in docs/benchmarks.md ("forms").
+TRAIN_CHUNK_LEN = 16  # the matrix-product form with its written-out backward, for training
+PREFILL_CHUNK_LEN_CPU = 32  # the same form without a graph, for inference on a CPU
+CHUNK_LEN_CPU = 4  # the chunked form (compiled code; keys too spread for the matrix-product form)
+CHUNK_LEN_ACCELERATOR = 64  # the chunked form on a GPU, where kernel launches dominate
+SEGMENT_LEN = 1024  # forward() runs longer sequences segment by segment: memory linear in T
 QUANTIZATIONS = (None, "int8")
+
+
+@dataclass(frozen=True)
+class RWKV4Config:
+    """Shapes of an RWKV-4 model. ``dim_att`` and ``dim_ffn`` follow the official names."""
+
+    vocab_size: int
+    n_embd: int
+    n_layer: int
+    dim_att: int | None = None  # width of k, v, r and the WKV state; default n_embd
+    dim_ffn: int | None = None  # width of the channel-mixing hidden layer; default 4 * n_embd
+    layer_norm_eps: float = 1e-5
+
+    arch = "rwkv4"
+
+    def __post_init__(self):
+        if self.dim_att is None:
+            object.__setattr__(self, "dim_att", self.n_embd)
+        if self.dim_ffn is None:
+            object.__setattr__(self, "dim_ffn", 4 * self.n_embd)
+        for name in ("vocab_size", "n_embd", "n_layer", "dim_att", "dim_ffn"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise CheckpointError(f"config: {name} must be a positive integer, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"arch": self.arch, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RWKV4Config":
+        d = dict(d)
+        arch = d.pop("arch", cls.arch)
+        if arch != cls.arch:
+            raise CheckpointError(f"config: arch is {arch!r}, expected {cls.arch!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise CheckpointError(f"config: unknown keys {unknown}")
+        return cls(**d)
+
+
+# The matrices that multiply activations (official key suffixes): what int8 quantizes.
+PROJECTIONS = ("att.key.weight", "att.value.weight", "att.receptance.weight", "att.output.weight",
+               "ffn.key.weight", "ffn.receptance.weight", "ffn.value.weight", "head.weight")
+
+
+def parameter_shapes(cfg: RWKV4Config) -> dict[str, tuple[int, ...]]:
+    """Every key of an RWKV-4 checkpoint (the official names) with its shape, in the official
+    order: the one statement of the layout, used by the modules' test, the loader, the
+    initialisers and the converter."""
+    C, A, F, V = cfg.n_embd, cfg.dim_att, cfg.dim_ffn, cfg.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {"emb.weight": (V, C)}
+    for i in range(cfg.n_layer):
+        p = f"blocks.{i}."
+        for ln in ("ln0", "ln1", "ln2") if i == 0 else ("ln1", "ln2"):
+            shapes[f"{p}{ln}.weight"] = (C,)
+            shapes[f"{p}{ln}.bias"] = (C,)
+        shapes[p + "att.time_decay"] = (A,)
+        shapes[p + "att.time_first"] = (A,)
+        for m in "kvr":
+            shapes[f"{p}att.time_mix_{m}"] = (1, 1, C)
+        for name in ("key", "value", "receptance"):
+            shapes[f"{p}att.{name}.weight"] = (A, C)
+        shapes[p + "att.output.weight"] = (C, A)
+        for m in "kr":
+            shapes[f"{p}ffn.time_mix_{m}"] = (1, 1, C)
+        shapes[p + "ffn.key.weight"] = (F, C)
+        shapes[p + "ffn.receptance.weight"] = (C, C)
+        shapes[p + "ffn.value.weight"] = (C, F)
+    shapes["ln_out.weight"] = (C,)
+    shapes["ln_out.bias"] = (C,)
+    shapes["head.weight"] = (V, C)
+    return shapes
+
+
+@dataclass(frozen=True)
+class RWKV4State(RecurrentState):
+    """What RWKV-4 carries from token to token, per layer and batch row."""
+
+    att_x: Tensor  # (L, B, n_embd)  last normalised input of time mixing (token shift)
+    ffn_x: Tensor  # (L, B, n_embd)  last normalised input of channel mixing (token shift)
+    num: Tensor  # (L, B, dim_att)  WKV numerator,   a = num * e^max
+    den: Tensor  # (L, B, dim_att)  WKV denominator, b = den * e^max
+    max: Tensor  # (L, B, dim_att)  WKV log scale
+    pos: Tensor  # (B,) int64      tokens read by each row
+    model_id: str = ""  # fingerprint of the model's weights ("" if unknown)
+
+    @staticmethod
+    def zeros(n_layer: int, batch: int, n_embd: int, dim_att: int, device=None,
+              model_id: str = "") -> "RWKV4State":
+        def z(width):
+            return torch.zeros(n_layer, batch, width, dtype=torch.float32, device=device)
+
+        pos = torch.zeros(batch, dtype=torch.int64, device=device)
+        return RWKV4State(z(n_embd), z(n_embd), z(dim_att), z(dim_att), z(dim_att) + EMPTY_LOG, pos, model_id)
+
+    def layer_wkv(self, i: int) -> WkvState:
+        return WkvState(self.num[i], self.den[i], self.max[i])
 
 
 class TimeMix(nn.Module):
@@ -61,23 +152,21 @@ class TimeMix(nn.Module):
         self.receptance = Linear(C, A)
         self.output = Linear(A, C)
 
-    def forward(self, xx: Tensor, last_x: Tensor, s: WkvState, form: WkvForm | None):
-        """xx (B, T, C), or (B, C) for one token -> (output like xx, last input, WKV state)."""
+    def forward(self, xx: Tensor, last_x: Tensor, s: WkvState, wkv, channels_first: bool):
+        """xx (B, T, C) -> (output (B, T, C), last input (B, C), WKV state); ``wkv(w, u, k, v, s)``
+        is the form the model chose; ``channels_first`` stores k, v, r as (C, B, T) in memory,
+        which the matrix-product form reads fastest."""
         xk, xv, xr = time_mix(xx, last_x, self.time_mix_k, self.time_mix_v, self.time_mix_r)
-        cf = form is not None and form.channels_first
-        k, v = self.key(xk, channels_first=cf), self.value(xv, channels_first=cf)
-        r = torch.sigmoid(self.receptance(xr, channels_first=cf))
+        k, v = self.key(xk, channels_first), self.value(xv, channels_first)
+        r = torch.sigmoid(self.receptance(xr, channels_first))
         # The WKV sums run in the activations' dtype (fp32 at least): exp(k) and the state
         # overflow half precision, which autocast would otherwise give k and v.
         if k.dtype != xx.dtype:
             k, v = k.to(xx.dtype), v.to(xx.dtype)
         w = -torch.exp(self.time_decay.to(xx.dtype))
         u = self.time_first.to(xx.dtype)
-        if form is None:
-            y, s = wkv_token(w, u, k, v, s)
-        else:
-            y, s = form.run(w, u, k, v, s)
-        return self.output(r * y), _last(xx), s
+        y, s = wkv(w, u, k, v, s)
+        return self.output(r * y), xx[:, -1], s
 
 
 class ChannelMix(nn.Module):
@@ -88,25 +177,23 @@ class ChannelMix(nn.Module):
         self.time_mix_r = nn.Parameter(torch.zeros(1, 1, C))
         self.key = Linear(C, F_)
         self.receptance = Linear(C, C)
-        self.value = Linear(F_, C)
+        self.value = Linear(F_, C, unbounded_input=True)  # relu(k)^2
 
-    def forward(self, xx: Tensor, last_x: Tensor):
+    def forward(self, xx: Tensor, last_x: Tensor, train: bool = False):
+        """xx (B, T, C) -> (output (B, T, C), last input (B, C)). ``train``: a gradient is wanted,
+        and the products run as one autograd node with its backward written out."""
         xk, xr = time_mix(xx, last_x, self.time_mix_k, self.time_mix_r)
-        if self._fused_training(xk):
+        if train and self._fusable(xk):
             w = (self.key.weight, self.receptance.weight, self.value.weight)
-            return channel_mix_products(xk, xr, *w), _last(xx)
+            return channel_mix_products(xk, xr, *w), xx[:, -1]
         k = squared_relu(self.key(xk))
         r = torch.sigmoid(self.receptance(xr))
-        return r * self.value(k), _last(xx)
+        return r * self.value(k), xx[:, -1]
 
-    def _fused_training(self, xk: Tensor) -> bool:
+    def _fusable(self, xk: Tensor) -> bool:
         projections = (self.key, self.receptance, self.value)
-        return (torch.is_grad_enabled() and xk.dim() == 3 and not torch.is_autocast_enabled(xk.device.type)
+        return (not torch.is_autocast_enabled(xk.device.type)
                 and all(type(p) is Linear and p.weight.dtype == xk.dtype for p in projections))
-
-
-def _last(xx: Tensor) -> Tensor:
-    return xx if xx.dim() == 2 else xx[:, -1]
 
 
 class Block(nn.Module):
@@ -121,7 +208,7 @@ class Block(nn.Module):
         self.ffn = ChannelMix(cfg)
 
 
-class RWKV4(nn.Module):
+class RWKV4(ModelBase):
     """The RWKV-4 language model. ``forward`` takes any length; ``step`` is one token."""
 
     def __init__(self, cfg: RWKV4Config):
@@ -131,7 +218,7 @@ class RWKV4(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
         self.ln_out = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
         self.head = Linear(cfg.n_embd, cfg.vocab_size)
-        self.chunk_len: int | None = None  # None: the measured default for the device
+        self.chunk_len: int | None = None  # None: the measured default for the form
 
     @property
     def dtype(self) -> torch.dtype:
@@ -152,7 +239,8 @@ class RWKV4(nn.Module):
         for name, module in list(self.named_modules()):
             if isinstance(module, Linear):
                 parent, _, attr = name.rpartition(".")
-                int8 = Int8Linear(module.in_features, module.out_features, device=module.weight.device)
+                int8 = Int8Linear(module.in_features, module.out_features, module.unbounded_input,
+                                  device=module.weight.device)
                 setattr(self.get_submodule(parent) if parent else self, attr, int8)
 
     @property
@@ -161,20 +249,8 @@ class RWKV4(nn.Module):
 
     def zero_state(self, batch_size: int = 1) -> RWKV4State:
         c = self.config
-        # Compiled code (training) never saves states; hashing weights there would break the graph.
-        model_id = "" if torch.compiler.is_compiling() else self.fingerprint
         return RWKV4State.zeros(c.n_layer, batch_size, c.n_embd, c.dim_att, device=self.device,
-                                model_id=model_id)
-
-    @property
-    def fingerprint(self) -> str:
-        """Identifies the weights (sampled, rounded to bf16 so fp32/bf16 loads agree).
-
-        Computed once, when first needed; it does not follow later changes to the weights.
-        """
-        if getattr(self, "_fingerprint", None) is None:
-            self._fingerprint = weights_fingerprint(self.state_dict())
-        return self._fingerprint
+                                model_id=self.state_id())
 
     def forward(
         self, tokens: Tensor, state: RWKV4State | None = None, *, last_only: bool = False,
@@ -182,12 +258,13 @@ class RWKV4(nn.Module):
     ) -> tuple[Tensor, RWKV4State | None]:
         """tokens (B, T) -> logits (B, T, V) (or (B, 1, V) with ``last_only``), new state.
 
-        ``state`` is not modified. Each row of the batch is an independent sequence.
-        ``return_state=False`` returns None for the state and skips computing it where it can
-        (training on windows).
+        ``state`` is not modified. Each row of the batch is an independent sequence. Sequences
+        longer than ``SEGMENT_LEN`` run segment by segment, the state carried between them, so
+        memory grows linearly with T. ``return_state=False`` returns None for the state and
+        skips computing it where it can (training on windows).
         """
-        tokens = self._check_tokens(tokens)
-        B = tokens.shape[0]
+        tokens = self.check_tokens(tokens)
+        B, T = tokens.shape
         if state is None:
             state = self.zero_state(B)
         elif state.batch_size != B or state.n_layer != self.config.n_layer:
@@ -195,100 +272,73 @@ class RWKV4(nn.Module):
                 f"state has batch {state.batch_size} and {state.n_layer} layers; "
                 f"tokens have batch {B} and the model {self.config.n_layer} layers"
             )
-        one_token = tokens.shape[1] == 1  # decoding: (B, C) activations, fewer ops per token
-        wkv = None if one_token else parallel_wkv(torch.is_grad_enabled(), self.device.type, self.chunk_len,
-                                                  final_state=return_state)
-        x = self.emb(tokens[:, 0] if one_token else tokens).to(self.activation_dtype)
-        new = {name: [] for name in ("att_x", "ffn_x", "num", "den", "max")}
+        form = self._form()
+        logits = []
+        for start in range(0, T, SEGMENT_LEN):
+            end = min(T, start + SEGMENT_LEN)
+            last = end == T
+            out, state = self._segment(tokens[:, start:end], state, form, last_only and last,
+                                       return_state or not last)
+            if not last_only or last:
+                logits.append(out)
+        return logits[0] if len(logits) == 1 else torch.cat(logits, 1), state
+
+    def _form(self) -> str:
+        """The one place that decides how sequences run (docs/design.md, "forms"):
+
+        - ``train``: a gradient is wanted: the matrix-product WKV with its written-out backward;
+        - ``compiled``: inside torch.compile: the chunked WKV (no data-dependent fallback);
+        - ``prefill``: inference on a CPU: the matrix-product WKV without a graph;
+        - ``chunked``: inference elsewhere (GPUs): the chunked WKV.
+        One token always takes the recurrent step.
+        """
+        if torch.compiler.is_compiling():
+            return "compiled"
+        if self.wants_grad():
+            return "train"
+        return "prefill" if self.device.type == "cpu" else "chunked"
+
+    def _wkv(self, form: str, w: Tensor, u: Tensor, k: Tensor, v: Tensor, s: WkvState, final_state: bool):
+        """The WKV of one layer in the form chosen by :meth:`_form` (k, v (B, T, C))."""
+        if k.shape[1] == 1:
+            y, s = wkv_token(w, u, k[:, 0], v[:, 0], s)
+            return y.unsqueeze(1), s
+        if form in ("train", "prefill") and not own_terms_may_underflow(k.detach(), u.detach(), s.max):
+            chunk = self.chunk_len or (TRAIN_CHUNK_LEN if form == "train" else PREFILL_CHUNK_LEN_CPU)
+            return wkv_matmul(w, u, k, v, s, chunk_len=chunk, final_state=final_state)
+        # Keys spread wider than the matrix-product form's one scale per row allows, or compiled/GPU.
+        chunk = self.chunk_len or (CHUNK_LEN_ACCELERATOR if form == "chunked" else CHUNK_LEN_CPU)
+        return wkv_chunked(w, u, k, v, s, chunk_len=chunk)
+
+    def _segment(self, tokens: Tensor, state: RWKV4State, form: str, last_only: bool, return_state: bool):
+        x = self.emb(tokens).to(self.activation_dtype)  # (B, T, C)
+        T = tokens.shape[1]
+        channels_first = T > 1 and form in ("train", "prefill")
+
+        def wkv(w, u, k, v, s):
+            return self._wkv(form, w, u, k, v, s, final_state=return_state)
+
+        new: dict[str, list[Tensor]] = {name: [] for name in ("att_x", "ffn_x", "num", "den", "max")}
         for i, block in enumerate(self.blocks):
             if i == 0:
                 x = block.ln0(x)
-            out, att_x, s = block.att(block.ln1(x), state.att_x[i], state.layer_wkv(i), wkv)
+            out, att_x, s = block.att(block.ln1(x), state.att_x[i], state.layer_wkv(i), wkv, channels_first)
             x = x + out
-            out, ffn_x = block.ffn(block.ln2(x), state.ffn_x[i])
+            out, ffn_x = block.ffn(block.ln2(x), state.ffn_x[i], train=form == "train")
             x = x + out
             if return_state:
-                for name, value in zip(new, (att_x, ffn_x, *s)):
-                    new[name].append(value if value.dtype == torch.float32 else value.float())
-        if one_token:
-            x = x.unsqueeze(1)
-        elif last_only:
+                new["att_x"].append(att_x)
+                new["ffn_x"].append(ffn_x)
+                new["num"].append(s.num)
+                new["den"].append(s.den)
+                new["max"].append(s.max)
+        if last_only:
             x = x[:, -1:]
         logits = self.head(self.ln_out(x))
         if not return_state:
             return logits, None
-        layers = {k: torch.stack(v) for k, v in new.items()}
+        layers = {k: torch.stack([t.float() for t in v]) for k, v in new.items()}
         return logits, RWKV4State(**layers, pos=state.pos + tokens.shape[1], model_id=state.model_id)
-
-    def step(self, tokens: Tensor, state: RWKV4State | None = None) -> tuple[Tensor, RWKV4State]:
-        """One token per stream: tokens (B,) -> logits (B, V), new state."""
-        tokens = torch.as_tensor(tokens)
-        if tokens.dim() != 1:
-            raise RwkvpyError(f"step takes tokens of shape (B,), got {tuple(tokens.shape)}")
-        logits, state = self.forward(tokens[:, None], state)
-        return logits[:, 0], state
-
-    def compile_step(self) -> None:
-        """Route ``step`` through ``torch.compile`` from now on: the per-token small ops fuse into a
-        few loops. fp32 decoding on 2 CPU cores measured ~1.4x the eager tokens/s
-        (docs/benchmarks.md). Each new batch size compiles first (~30 s for 12 x 768); needs
-        a C++ compiler at run time, which is why this is opt-in."""
-        if "step" not in self.__dict__:  # the instance attribute shadows the method
-            self.step = torch.compile(RWKV4.step.__get__(self), dynamic=False)
-
-    def _check_tokens(self, tokens) -> Tensor:
-        tokens = torch.as_tensor(tokens, device=self.device)
-        if tokens.dim() != 2 or tokens.shape[1] < 1:
-            raise RwkvpyError(f"tokens must have shape (B, T) with T >= 1, got {tuple(tokens.shape)}")
-        if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise RwkvpyError(f"tokens must be integers, got {tokens.dtype}")
-        if torch.compiler.is_compiling():  # reading values would break the graph; inputs come from code
-            return tokens.long()
-        lo, hi = int(tokens.min()), int(tokens.max())
-        if lo < 0 or hi >= self.config.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise RwkvpyError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
-        return tokens.long()
-
-    def save(self, path) -> None:
-        """Write rwkvpy's own format (safetensors + JSON config), atomically."""
-        from ..checkpoint.native import save_native
-
-        save_native(self.config, self.state_dict(), path)
-
-
-class WkvForm(NamedTuple):
-    """The WKV form for sequences, ``run(w, u, k, v, state) -> (out, state)``, and whether it is
-    fastest with k, v (and so r, y) stored channels first (memory (C, B, T))."""
-
-    run: Callable
-    channels_first: bool
-
-
-def parallel_wkv(training: bool, device_type: str, chunk_len: int | None = None,
-                 final_state: bool = True) -> WkvForm:
-    # Compiled, the chunked form: safe for any keys without the matmul form's data-dependent
-    # fallback, and its elementwise ops fuse (4 x 128: 8% faster than the compiled matmul form;
-    # 6 x 512: 10% slower, docs/benchmarks.md).
-    if not torch.compiler.is_compiling() and (training or device_type == "cpu"):
-        default = TRAIN_CHUNK_LEN if training else PREFILL_CHUNK_LEN_CPU
-        run = functools.partial(wkv_matmul, chunk_len=chunk_len or default, final_state=final_state)
-        return WkvForm(run, True)
-    default = CHUNK_LEN_CPU if device_type == "cpu" else CHUNK_LEN_ACCELERATOR
-    return WkvForm(functools.partial(wkv_chunked, chunk_len=chunk_len or default), False)
-
-
-def weights_fingerprint(sd: dict[str, Tensor], samples: int = 4096) -> str:
-    """sha256 over names, shapes and up to ``samples`` evenly spaced values of each tensor."""
-    h = hashlib.sha256()
-    for name in sorted(sd):
-        t = sd[name].detach()
-        flat = t.reshape(-1)
-        stride = max(1, flat.numel() // samples)
-        values = flat[::stride][:samples].to("cpu", torch.bfloat16).view(torch.int16)
-        h.update(f"{name}{tuple(t.shape)}".encode())
-        h.update(values.numpy().tobytes())
-    return h.hexdigest()
 
 
 def random_state_dict(cfg: RWKV4Config, seed: int = 0, dtype=torch.float32) -> dict[str, Tensor]:
@@ -299,37 +349,23 @@ def random_state_dict(cfg: RWKV4Config, seed: int = 0, dtype=torch.float32) -> d
     forms are exercised where the numerics are hard.
     """
     g = torch.Generator().manual_seed(seed)
-    C, A, F_, V = cfg.n_embd, cfg.dim_att, cfg.dim_ffn, cfg.vocab_size
-
-    def randn(*shape, std=1.0):
-        return torch.randn(*shape, generator=g) * std
-
-    def rand(*shape):
-        return torch.rand(*shape, generator=g)
-
-    sd = {"emb.weight": randn(V, C)}
-    for i in range(cfg.n_layer):
-        p = f"blocks.{i}."
-        if i == 0:
-            sd[p + "ln0.weight"], sd[p + "ln0.bias"] = 1 + randn(C, std=0.1), randn(C, std=0.1)
-        for ln in ("ln1", "ln2"):
-            sd[p + ln + ".weight"], sd[p + ln + ".bias"] = 1 + randn(C, std=0.1), randn(C, std=0.1)
-        sd[p + "att.time_decay"] = torch.linspace(-6, 6, A)[torch.randperm(A, generator=g)]
-        sd[p + "att.time_first"] = randn(A)
-        for m in ("k", "v", "r"):
-            sd[p + f"att.time_mix_{m}"] = rand(1, 1, C)
-        sd[p + "att.key.weight"] = randn(A, C, std=1.5 / math.sqrt(C))
-        sd[p + "att.value.weight"] = randn(A, C, std=1 / math.sqrt(C))
-        sd[p + "att.receptance.weight"] = randn(A, C, std=1 / math.sqrt(C))
-        sd[p + "att.output.weight"] = randn(C, A, std=1 / math.sqrt(A))
-        for m in ("k", "r"):
-            sd[p + f"ffn.time_mix_{m}"] = rand(1, 1, C)
-        sd[p + "ffn.key.weight"] = randn(F_, C, std=1 / math.sqrt(C))
-        sd[p + "ffn.receptance.weight"] = randn(C, C, std=1 / math.sqrt(C))
-        sd[p + "ffn.value.weight"] = randn(C, F_, std=1 / math.sqrt(F_))
-    sd["ln_out.weight"], sd["ln_out.bias"] = 1 + randn(C, std=0.1), randn(C, std=0.1)
-    sd["head.weight"] = randn(V, C, std=1 / math.sqrt(C))
-    return {k: v.to(dtype) for k, v in sd.items()}
+    sd = {}
+    for key, shape in parameter_shapes(cfg).items():
+        if key.endswith(("ln0.weight", "ln1.weight", "ln2.weight", "ln_out.weight")):
+            t = 1 + torch.randn(shape, generator=g) * 0.1
+        elif key.endswith(".bias"):
+            t = torch.randn(shape, generator=g) * 0.1
+        elif key.endswith("time_decay"):
+            t = torch.linspace(-6, 6, shape[0])[torch.randperm(shape[0], generator=g)]
+        elif key.endswith("time_first") or key == "emb.weight":
+            t = torch.randn(shape, generator=g)
+        elif "time_mix" in key:
+            t = torch.rand(shape, generator=g)
+        else:  # projections (out, in): outputs O(1); keys a little wider, so exp(k) spans more
+            gain = 1.5 if key.endswith("att.key.weight") else 1.0
+            t = torch.randn(shape, generator=g) * (gain / math.sqrt(shape[1]))
+        sd[key] = t.to(dtype)
+    return sd
 
 
 def build_model(cfg: RWKV4Config, sd: dict[str, Tensor], dtype=torch.float32, device="cpu",
@@ -344,7 +380,7 @@ def build_model(cfg: RWKV4Config, sd: dict[str, Tensor], dtype=torch.float32, de
     if quantize not in QUANTIZATIONS:
         raise RwkvpyError(f"unknown quantization {quantize!r}; choose int8 or none")
     if quantize == "int8" and not is_quantized(sd):
-        sd = quantize_state_dict(sd)
+        sd = quantize_state_dict(sd, PROJECTIONS)
     int8 = is_quantized(sd)
     vectors = torch.float64 if dtype == torch.float64 else torch.float32
     with torch.device("meta"):
@@ -363,17 +399,6 @@ def build_model(cfg: RWKV4Config, sd: dict[str, Tensor], dtype=torch.float32, de
     return model.eval()
 
 
-def quantize_state_dict(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Projections to int8 with one fp32 scale per output row (``<key>_scale``); the rest as is."""
-    out = {}
-    for key, t in sd.items():
-        if key.endswith(PROJECTIONS):
-            out[key], out[key + SCALE_SUFFIX] = quantize_int8(t)
-        else:
-            out[key] = t
-    return out
-
-
 @torch.no_grad()
 def official_init(cfg: RWKV4Config, seed: int = 0) -> dict[str, Tensor]:
     """Initial weights as in the official training code (RWKV-LM v4neo ``generate_init_weight``
@@ -382,9 +407,7 @@ def official_init(cfg: RWKV4Config, seed: int = 0) -> dict[str, Tensor]:
     g = torch.Generator().manual_seed(seed)
     C, A, L = cfg.n_embd, cfg.dim_att, cfg.n_layer
     sd = {}
-    from ..checkpoint.keys import expected_shapes  # deferred: checkpoint imports models
-
-    for key, shape in expected_shapes(cfg).items():
+    for key, shape in parameter_shapes(cfg).items():
         if key.endswith(("ln0.weight", "ln1.weight", "ln2.weight", "ln_out.weight")):
             sd[key] = torch.ones(shape)
         elif key.endswith(".bias"):

@@ -1,5 +1,5 @@
-"""Projections ``y = x W^T`` for every way a weight is stored, with the CPU kernel that was
-measured fastest for each (docs/benchmarks.md, ``benchmarks/bench_kernels.py``).
+"""Projections ``y = x W^T`` for every way a weight is stored, each running the kernel that
+the planner (:mod:`rwkvpy.ops.plan`) found fastest *and correct* on this machine.
 
 Activations keep their dtype (fp32 in inference); only the weight is narrower:
 
@@ -7,75 +7,21 @@ Activations keep their dtype (fp32 in inference); only the weight is narrower:
     bf16 / fp16   W in half precision, x and y in fp32 (half activations overflow: relu(k)^2)
     int8          W = q * scale[:, None], q int8 (out, in), one fp32 scale per output channel
 
-Why the kernels differ from a plain ``F.linear`` on a CPU: a matrix-vector product is bound by
-reading the weight, and MKL's fp32 GEMV runs on one core. Splitting the rows into two halves
-and handing them to ``bmm`` (one core each) reads the weight ~1.7x faster, and stays ahead up
-to 64 rows. Without native bf16 arithmetic (AVX2 only), half-precision products are fast only as
-a matrix-vector product; for more rows converting the weight to fp32 first is faster.
+Until :func:`plan_projections` runs (``rwkvpy.load`` runs it unless ``RWKVPY_KERNELS=safe``),
+and whenever a gradient is wanted, a projection is a plain ``F.linear`` (half weights widened,
+int8 ones dequantized): always right, never the fastest.
 """
 
 from __future__ import annotations
 
-import functools
+import sys
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-SPLIT_MAX_ROWS = 64  # fp32 rows up to which the split product beats F.linear (CPU)
-SPLIT_MIN_NUMEL = 1 << 18  # below this (1 MiB in fp32) the weight is in cache: F.linear is cheaper
-HALF_GEMV_MAX_ROWS = 1  # half-precision rows up to which a half product beats upcasting (CPU, AVX2)
-INT8_GEMV_MAX_ROWS = 16  # rows up to which torch's int8 weight kernel beats dequantizing (CPU)
-HALF = (torch.bfloat16, torch.float16)
-
-
-@functools.cache
-def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), so bf16 GEMMs are fast."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def _rows(x: Tensor) -> int:
-    return x.numel() // x.shape[-1]
-
-
-def _split_rows_product(x: Tensor, weight: Tensor) -> Tensor:
-    """x (..., in) @ W^T with W's rows in two halves computed as one ``bmm`` (one core each)."""
-    out, n_in = weight.shape
-    half = out // 2
-    halves = (weight if out % 2 == 0 else weight[: 2 * half]).view(2, half, n_in)
-    rows = _rows(x)
-    if rows == 1 and x.stride(-1) == 1:  # decoding: (2, half, 1) is already in output order
-        # x as (2, n_in, 1) with a column stride of n_in: bmm is ~3x slower with other strides
-        y = torch.bmm(halves, x.as_strided((2, n_in, 1), (0, 1, n_in))).view(1, 2 * half)
-    else:
-        y = torch.bmm(halves, x.reshape(rows, n_in).t().expand(2, -1, -1))  # (2, half, rows)
-        y = y.permute(2, 0, 1).reshape(rows, 2 * half)
-    if out % 2:
-        y = torch.cat([y, x.reshape(rows, n_in) @ weight[2 * half:].t()], dim=1)
-    return y.view(*x.shape[:-1], out)
-
-
-def project(x: Tensor, weight: Tensor, scale: Tensor | None = None,
-            scale_bf16: Tensor | None = None) -> Tensor:
-    """``x @ weight.T`` (times ``scale`` per output channel for int8 weights), in x's dtype.
-
-    ``scale_bf16`` is the scale already in bf16, as the int8 kernel wants it (saves a cast).
-    """
-    if scale is not None:
-        return _project_int8(x, weight, scale, scale_bf16)
-    if weight.dtype == x.dtype:
-        if (x.device.type == "cpu" and weight.numel() >= SPLIT_MIN_NUMEL and _rows(x) <= SPLIT_MAX_ROWS
-                and not (torch.is_grad_enabled() and weight.requires_grad)):
-            return _split_rows_product(x, weight)
-        return F.linear(x, weight)
-    if x.device.type != "cpu" or _rows(x) <= HALF_GEMV_MAX_ROWS or (
-            weight.dtype == torch.bfloat16 and native_bf16()):
-        return F.linear(x.to(weight.dtype), weight).to(x.dtype)
-    return F.linear(x, weight.to(x.dtype))
+from . import plan as planner
 
 
 def _product_channels_first(x2: Tensor, weight: Tensor, B: int, T: int) -> Tensor:
@@ -116,53 +62,107 @@ def project_channels_first(x: Tensor, weight: Tensor) -> Tensor:
     return _product_channels_first(x.reshape(B * T, n_in), weight, B, T)
 
 
-def _project_int8(x: Tensor, q: Tensor, scale: Tensor, scale_bf16: Tensor | None) -> Tensor:
-    # torch's kernel crashes (torch 2.13, AVX2) for 2+ rows when in_features is not a multiple of 8
-    if (x.device.type == "cpu" and _rows(x) <= INT8_GEMV_MAX_ROWS and q.shape[1] % 8 == 0
-            and hasattr(torch, "_weight_int8pack_mm")):
-        # It reads int8 weights fast only with bf16 activations (fp32 ones: ~6x slower).
-        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        y = torch._weight_int8pack_mm(x2, q, scale.to(torch.bfloat16) if scale_bf16 is None else scale_bf16)
-        return y.view(*x.shape[:-1], q.shape[0]).to(x.dtype)
-    return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
-
-
-def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric per-output-channel int8: (q int8 (out, in), scale fp32 (out,)), |q| <= 127."""
-    w = weight.detach().float()
-    scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale
-
-
 class Linear(nn.Linear):
-    """``nn.Linear`` without bias (same parameter name and shape) that uses :func:`project`."""
+    """``nn.Linear`` without bias (same parameter name and shape) that runs its planned kernels.
 
-    def __init__(self, in_features: int, out_features: int, **kwargs):
+    ``unbounded_input`` marks a projection whose input can exceed fp16's range (relu(k)^2):
+    fp16 products scale it first.
+    """
+
+    def __init__(self, in_features: int, out_features: int, unbounded_input: bool = False, **kwargs):
         super().__init__(in_features, out_features, bias=False, **kwargs)
+        self.unbounded_input = unbounded_input
+        self.kernels: tuple[Callable, ...] | None = None  # one per rows class, set by the planner
+        self.checkpoint_dtype: torch.dtype | None = None  # set when the plan changed the dtype
 
     def forward(self, x: Tensor, channels_first: bool = False) -> Tensor:
-        if channels_first and x.dim() == 3 and x.dtype == self.weight.dtype:
-            return project_channels_first(x, self.weight)
-        return project(x, self.weight)
+        w = self.weight
+        if channels_first and x.dim() == 3 and x.dtype == w.dtype:
+            return project_channels_first(x, w)
+        if self.kernels is None or (w.requires_grad and torch.is_grad_enabled()):
+            return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))
+        return self.kernels[planner.rows_class(x.numel() // x.shape[-1])](x, w, None, self.unbounded_input)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """The weight as the checkpoint had it, whatever storage the plan gave it (a transposed
+        layout, or fp16 for an exactly convertible bf16 matrix)."""
+        w = self.weight if keep_vars else self.weight.detach()
+        if self.checkpoint_dtype is not None and w.dtype != self.checkpoint_dtype:
+            w = w.to(self.checkpoint_dtype)
+        destination[prefix + "weight"] = w if w.is_contiguous() else w.contiguous()
 
 
 class Int8Linear(nn.Module):
     """Weight-only int8 projection: buffers ``weight`` (int8, out x in) and ``weight_scale`` (out)."""
 
-    def __init__(self, in_features: int, out_features: int, device=None):
+    def __init__(self, in_features: int, out_features: int, unbounded_input: bool = False, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.unbounded_input = unbounded_input
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, device=device))
-        self._scale_source: Tensor | None = None
-        self._scale_bf16: Tensor | None = None  # torch's int8 kernel wants the activations' dtype
+        self.kernels: tuple[Callable, ...] | None = None
+        self._scales: tuple[Tensor, Tensor, Tensor] | None = None  # (source, for packed, for dequantized)
 
     def forward(self, x: Tensor, channels_first: bool = False) -> Tensor:
         """``channels_first`` (a layout preference) is not taken: int8 weights do not train."""
-        if self._scale_source is not self.weight_scale:  # new or reloaded scales
-            self._scale_source, self._scale_bf16 = self.weight_scale, self.weight_scale.to(torch.bfloat16)
-        return project(x, self.weight, self.weight_scale, self._scale_bf16)
+        if self.kernels is None:
+            return planner.int8_dequantized(x, self.weight, self.weight_scale)
+        if self._scales is None or self._scales[0] is not self.weight_scale:  # new or reloaded scales
+            s = self.weight_scale
+            self._scales = (s, s.to(torch.bfloat16), s.to(x.dtype))
+        kernel = self.kernels[planner.rows_class(x.numel() // x.shape[-1])]
+        return kernel(x, self.weight, self._scales[1 if kernel is planner.int8_packed else 2])
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def _kind(module: nn.Module) -> str:
+    dtype = module.weight.dtype
+    if dtype == torch.bfloat16:
+        return "bf16>fp16" if planner.fp16_exact(module.weight) else "bf16"
+    return {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", torch.int8: "int8"}[dtype]
+
+
+@torch.no_grad()
+def plan_projections(model: nn.Module, planner_: planner.Planner | None = None,
+                     report: list[str] | None = None) -> None:
+    """Give every projection of ``model`` its planned storage and kernels (CPU; other devices
+    keep ``F.linear``). Plans come from the per-machine cache or are measured now (a few
+    milliseconds per candidate). ``report`` collects lines for ``--plan``."""
+    modules = [(name, m) for name, m in model.named_modules() if isinstance(m, (Linear, Int8Linear))
+               and m.weight.device.type == "cpu"]
+    if not modules:
+        return
+    p = planner_ or planner.Planner()
+    needs = {name: planner.Need(_kind(m), m.out_features, m.in_features, m.unbounded_input) for name, m in modules}
+    fresh = [n for n in dict.fromkeys(needs.values()) if n.key not in p.data["entries"]]
+    if fresh:
+        print(f"rwkvpy: timing kernels for {len(fresh)} projection shape(s) on this machine (cached "
+              f"afterwards in {planner.cache_path()})", file=sys.stderr)
+    entries = p.entries(list(needs.values()))
+    p.save()
+    seen = set()
+    for name, m in modules:
+        need = needs[name]
+        entry = entries[need]
+        choice = planner.choose(entry)
+        if report is not None and need not in seen:
+            seen.add(need)
+            report.append(f"  {need.kind} {need.out}x{need.n_in}{' (unbounded input)' if need.unbounded else ''}: "
+                          f"{choice.dtype} {choice.layout}, kernels by rows class {', '.join(choice.kernels)}")
+            report.extend(planner.describe(entry, choice))
+        if isinstance(m, Linear):
+            w = planner.store(m.weight.detach(), choice.dtype, choice.layout)
+            if w.dtype != m.weight.dtype or w.stride() != m.weight.stride():
+                m.checkpoint_dtype = m.checkpoint_dtype or m.weight.dtype
+                m.weight = nn.Parameter(w, requires_grad=m.weight.requires_grad)
+        m.kernels = tuple(planner.KERNELS[k] for k in choice.kernels)
+
+
+def unplan_projections(model: nn.Module) -> None:
+    """Back to plain ``F.linear`` (storages stay as planned)."""
+    for m in model.modules():
+        if isinstance(m, (Linear, Int8Linear)):
+            m.kernels = None

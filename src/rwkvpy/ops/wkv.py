@@ -23,8 +23,8 @@ Forms, all ``(w, u, k, v, state) -> (out, new_state)`` with ``k, v`` of shape (B
                    summaries; groups of chunks follow each other; autograd-safe
     wkv_matmul     the parallel form as matrix products with one scale per row and channel,
                    worked channels first; its backward is written out (the same products
-                   transposed, and with the decays' derivatives for w): training. Falls back
-                   to wkv_chunked when keys span too many nats for that scale
+                   transposed, and with the decays' derivatives for w): training and CPU
+                   prefill, for keys that pass :func:`own_terms_may_underflow`
     wkv_step       the recurrent form, one token at a time (``wkv_token``: the decode path)
 
 Arithmetic happens in the dtype of ``k`` (callers pass fp32 or fp64; never half precision).
@@ -328,10 +328,15 @@ class _WkvMatmul(torch.autograd.Function):
         return gw, gu, gk, gv, None, g0, None
 
 
-def _own_terms_may_underflow(k: Tensor, u: Tensor, m: Tensor) -> bool:
-    """Checked before the work, from k alone (a reduction over k costs a fifth of one over the
-    denominators, each at least its own token's term e^{u+k-m-max(u,0)}): whether that term can
-    fall below 1e8 times the smallest normal number."""
+def own_terms_may_underflow(k: Tensor, u: Tensor, state_max: Tensor | None = None) -> bool:
+    """Whether :func:`wkv_matmul` cannot take these keys: its one scale per row and channel,
+    m = max(max_t k_t, state max), leaves a token's own term e^{u+k-m-max(u,0)} (a lower bound
+    of its denominator) below 1e8 times the smallest normal number. Checked from k alone (a
+    reduction over k costs a fifth of one over the denominators). Callers then take
+    :func:`wkv_chunked`, which scales every term."""
+    m = k.amax(1)
+    if state_max is not None:
+        m = torch.maximum(m, state_max.to(k.dtype))
     own = (k.amin(1) - m) + (u - u.clamp_min(0))
     return bool(own.amin() < math.log(torch.finfo(k.dtype).tiny * 1e8))
 
@@ -348,23 +353,19 @@ def wkv_matmul(
     the current token's bonus e^u on its diagonal; chunk to chunk the same with an (N, N)
     matrix). Every factor also carries e^{-max(u, 0)}, so nothing overflows. A denominator is at
     least its own token's term; where that could leave the normal range (some key more than ~69
-    nats below the row's largest) the result comes from :func:`wkv_chunked` instead. The
-    backward is written out (:class:`_WkvMatmul`). Fastest with k and v stored channels first
+    nats below the row's largest) this form cannot serve: callers check
+    :func:`own_terms_may_underflow` first and take :func:`wkv_chunked` then. The backward is written out (:class:`_WkvMatmul`). Fastest with k and v stored channels first
     (memory (C, B, T)); the output takes k's layout.
     The final state is exact, as in every form; ``final_state=False`` skips it (None instead).
     """
     if chunk_len < 1:
         raise ValueError(f"chunk_len must be >= 1, got {chunk_len}")
     B, T, C = k.shape
-    kd, ud = k.detach(), u.detach()  # m is a scale only, so no gradient
-    m = kd.amax(1)  # (B, C)
+    m = k.detach().amax(1)  # (B, C); a scale only, so no gradient
     s = z0 = None
     if state is not None:
         s = _initial(state, k)
         m = torch.maximum(m, s.max.detach())
-    if not torch.compiler.is_compiling() and _own_terms_may_underflow(kd, ud, m):
-        out, last = wkv_chunked(w, u, k, v, state, chunk_len=4)
-        return out, last if final_state else None
     if s is not None:
         z0 = (torch.exp(s.max - m) * torch.stack([s.num, s.den])).permute(2, 0, 1).reshape(C, 2 * B)
     with torch.autocast(k.device.type, enabled=False):  # else its products would run in half precision

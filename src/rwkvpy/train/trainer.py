@@ -25,9 +25,8 @@ from tqdm import tqdm
 
 from ..errors import RwkvpyError
 from ..io import atomic_write, atomic_write_text
-from ..models.config import RWKV4Config
-from ..models.gpt import GPT, GPTConfig
-from ..models.rwkv4 import build_model, official_init
+from ..models import GPT, GPTConfig, RWKV4Config, build_model, official_init
+from ..checkpoint import save_native
 from ..tokenizers import load_tokenizer
 from .data import TokenData, WindowSampler, eval_starts, load_data, windows
 from .evaluate import summed_loss
@@ -262,7 +261,7 @@ class Trainer:
         bar.close()
         if self.rank == 0:
             if cfg.arch == "rwkv4":
-                self.model.save(self.out / "model")
+                save_native(self.model.config, self.model.state_dict(), self.out / "model")
         result.update(n_params=self.n_params, train_seconds=self.elapsed)
         if self.world > 1:
             torch.distributed.barrier()  # rank 0 may still be writing

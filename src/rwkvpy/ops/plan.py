@@ -1,0 +1,492 @@
+"""The kernel planner: which product computes ``y = x W^T`` fastest, and correctly, on this machine.
+
+Like FFTW's planner and ATLAS's install-time tuning: for each way a projection can run (how its
+weight is stored, how many rows of activations it meets, the device) the candidate kernels are
+timed here, a few milliseconds each, and the fastest *correct* one is kept. CPUs disagree (an
+AVX2 CPU has no bf16 arithmetic; two AVX-512 CPUs disagree on the fastest half-precision
+product; torch 2.13's int8 weight kernel is wrong or crashes on AVX-512 unless in_features is a
+multiple of 16), so nothing here is a constant measured on one machine:
+
+- every candidate's answer is checked against a float64 product on random data of its shape
+  and rows class before it may be chosen (:func:`verified`);
+- a kernel that can crash the process (torch's int8 weight kernel) is first run in a
+  subprocess, several times per rows class, and used only where that probe came back right;
+- plans are cached per machine (CPU model and flags, cores, threads, torch version) in the
+  user's cache directory, written atomically, and made anew when any of those change.
+
+Vocabulary: a *storage* is the weight's dtype and memory layout, ``out_in`` (rows are output
+channels, as checkpoints store them) or ``in_out`` (the transpose in memory, used through a
+transposed view so the parameter keeps its shape); a *kernel* is a function
+``(x, weight, scale) -> y`` from :data:`KERNELS`; a *rows class* is a range of rows
+(:data:`ROW_CLASSES`). ``RWKVPY_KERNELS=safe`` turns planning off (plain ``F.linear``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .quant import quantize_int8
+
+# (first row, last row, the rows timed for the class)
+ROW_CLASSES = ((1, 1, 1), (2, 16, 8), (17, 64, 48), (65, None, 128))
+PLAN_VERSION = 1
+_HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, **_HALF, "int8": torch.int8}
+
+
+def rows_class(rows: int) -> int:
+    """Index into :data:`ROW_CLASSES` of a call with ``rows`` rows."""
+    return 0 if rows <= 1 else 1 if rows <= 16 else 2 if rows <= 64 else 3
+
+
+def kernels_mode() -> str:
+    """``planned`` (default) or ``safe`` (``RWKVPY_KERNELS=safe``: plain ``F.linear`` everywhere)."""
+    mode = os.environ.get("RWKVPY_KERNELS", "planned").strip().lower() or "planned"
+    if mode not in ("planned", "safe"):
+        raise ValueError(f"RWKVPY_KERNELS={mode!r}: expected 'planned' or 'safe'")
+    return mode
+
+
+# --- kernels -------------------------------------------------------------------------------------
+
+def _rows(x: Tensor) -> int:
+    return x.numel() // x.shape[-1]
+
+
+def half_input(x: Tensor, dtype: torch.dtype, unbounded: bool) -> tuple[Tensor, Tensor | None]:
+    """x in a half type for a half-precision product. fp16 overflows at 65504, which inputs such
+    as relu(k)^2 pass: an ``unbounded`` input is first divided by a power of two per row (exact),
+    returned so the product can be scaled back."""
+    if dtype != torch.float16 or not unbounded:
+        return x.to(dtype), None
+    scale = torch.exp2(torch.ceil(torch.log2(x.abs().amax(-1, keepdim=True).clamp_min(1e-30))))
+    return (x / scale).to(dtype), scale
+
+
+def linear(x: Tensor, w: Tensor, scale: Tensor | None = None, unbounded: bool = False) -> Tensor:
+    """``F.linear`` in the weight's dtype (x cast to it and the result back)."""
+    if w.dtype == x.dtype:
+        return F.linear(x, w)
+    xh, s = half_input(x, w.dtype, unbounded)
+    y = F.linear(xh, w).to(x.dtype)
+    return y if s is None else y * s
+
+
+def upcast(x: Tensor, w: Tensor, scale: Tensor | None = None, unbounded: bool = False) -> Tensor:
+    """The weight widened to x's dtype, then ``F.linear``: the safe product for half weights."""
+    return F.linear(x, w.to(x.dtype))
+
+
+def split_rows(x: Tensor, w: Tensor, scale: Tensor | None = None, unbounded: bool = False) -> Tensor:
+    """W's output rows in two halves as one ``bmm``: where the library's matrix-vector product
+    runs on one core, each half gets its own. W stored ``out_in``."""
+    out, n_in = w.shape
+    x_dtype, s = x.dtype, None
+    if w.dtype != x_dtype:
+        x, s = half_input(x, w.dtype, unbounded)
+    half = out // 2
+    halves = (w if out % 2 == 0 else w[: 2 * half]).view(2, half, n_in)
+    rows = _rows(x)
+    if rows == 1 and x.stride(-1) == 1:
+        # x as (2, n_in, 1) with a column stride of n_in: bmm is ~3x slower with other strides
+        y = torch.bmm(halves, x.as_strided((2, n_in, 1), (0, 1, n_in))).view(1, 2 * half)
+    else:
+        y = torch.bmm(halves, x.reshape(rows, n_in).t().expand(2, -1, -1))  # (2, half, rows)
+        y = y.permute(2, 0, 1).reshape(rows, 2 * half)
+    if out % 2:
+        y = torch.cat([y, x.reshape(rows, n_in) @ w[2 * half:].t()], dim=1)
+    y = y.view(*x.shape[:-1], out).to(x_dtype)
+    return y if s is None else y * s
+
+
+def int8_dequantized(x: Tensor, q: Tensor, scale: Tensor, unbounded: bool = False) -> Tensor:
+    """int8 weights widened to x's dtype, then ``F.linear``, then the per-row scales."""
+    return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+
+
+def int8_packed(x: Tensor, q: Tensor, scale: Tensor, unbounded: bool = False) -> Tensor:
+    """torch's int8 weight kernel (x and the scales in bf16: it is slow with fp32 ones).
+    Wrong or crashing on some CPUs for some shapes: used only where a subprocess probe passed."""
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+    s = scale if scale.dtype == torch.bfloat16 else scale.to(torch.bfloat16)
+    y = torch._weight_int8pack_mm(x2, q, s)
+    return y.view(*x.shape[:-1], q.shape[0]).to(x.dtype)
+
+
+KERNELS: dict[str, Callable] = {"linear": linear, "upcast": upcast, "split": split_rows,
+                                "int8_dequantized": int8_dequantized, "int8_packed": int8_packed}
+SAFE_KERNEL = {"int8": "int8_dequantized"}  # every other storage: "linear" / "upcast"
+# Relative rounding of each kernel's arithmetic, for the check against float64: fp32 sums of a
+# few thousand terms stay far inside 2^-16; a product with x (and the result, and the int8
+# scales) rounded to bf16 moves each term by up to three roundings of 2^-9; fp16 by 2^-12 each.
+_UNIT = {"float32": 2**-16, "float64": 2**-40, "bfloat16": 3 * 2**-9 + 2**-16, "float16": 3 * 2**-12 + 2**-20}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A storage (dtype, layout) and a kernel."""
+
+    dtype: str
+    layout: str  # "out_in" or "in_out"
+    kernel: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.dtype}/{self.layout}/{self.kernel}"
+
+    @staticmethod
+    def parse(name: str) -> "Candidate":
+        return Candidate(*name.split("/"))
+
+
+def storages(kind: str) -> list[tuple[str, str]]:
+    """The storages a weight of ``kind`` may take. ``bf16>fp16``: a bf16 matrix whose every value
+    converts to fp16 exactly (checked per matrix) may also be stored as fp16."""
+    if kind == "int8":
+        return [("int8", "out_in")]  # torch's int8 kernel reads (out, in)
+    dtypes = {"fp32": ["float32"], "fp64": ["float64"], "bf16": ["bfloat16"], "fp16": ["float16"],
+              "bf16>fp16": ["bfloat16", "float16"]}[kind]
+    return [(d, layout) for d in dtypes for layout in ("out_in", "in_out")]
+
+
+def candidates(kind: str, activation: str = "float32") -> list[Candidate]:
+    out = []
+    for dtype, layout in storages(kind):
+        if dtype == "int8":
+            out += [Candidate(dtype, layout, "int8_dequantized")]
+            if hasattr(torch, "_weight_int8pack_mm"):
+                out.append(Candidate(dtype, layout, "int8_packed"))
+            continue
+        names = ["linear"] + (["upcast"] if dtype != activation else [])
+        if layout == "out_in":
+            names.append("split")
+        out += [Candidate(dtype, layout, n) for n in names]
+    return out
+
+
+def store(weight: Tensor, dtype: str, layout: str) -> Tensor:
+    """``weight`` (out, in) in a storage: same shape, maybe another dtype or a transposed view."""
+    w = weight.to(_DTYPES[dtype])
+    if layout == "in_out":
+        return w.t().contiguous().t()
+    return w.contiguous()
+
+
+def fp16_exact(weight: Tensor) -> bool:
+    """Whether every value of a bf16 matrix survives the trip to fp16 (magnitudes 2^-17 .. 65504)."""
+    return weight.dtype == torch.bfloat16 and torch.equal(weight.to(torch.float16).to(torch.bfloat16), weight)
+
+
+# --- checking and timing -------------------------------------------------------------------------
+
+def sample_input(rows: int, n_in: int, unbounded: bool, g: torch.Generator, dtype=torch.float32) -> Tensor:
+    x = torch.randn(rows, n_in, generator=g, dtype=dtype)
+    if unbounded:  # as relu(k)^2 with k of a few units: values up to ~1e5, many zeros
+        x = torch.relu(x * 100).square()
+    return x
+
+
+def verified(kernel: Callable, x: Tensor, w: Tensor, scale: Tensor | None, unbounded: bool,
+             unit: float) -> tuple[bool, float]:
+    """(whether y = kernel(x, w) is within ``unit`` rounding of the float64 product, the error).
+
+    The bound is elementwise, ``|y - x W^T| <= unit |x| |W|^T``: it survives cancellation, and
+    garbage, NaN or a wrong layout exceed it by orders of magnitude."""
+    w64 = w.double() if scale is None else w.double() * scale.double()[:, None]
+    expected = x.double() @ w64.t()
+    bound = unit * (x.double().abs() @ w64.abs().t()) + 1e-30
+    with torch.no_grad():
+        y = kernel(x, w, scale, unbounded)
+    if y.shape != expected.shape or not torch.isfinite(y).all():
+        return False, float("inf")
+    excess = ((y.double() - expected).abs() / bound).max().item()
+    return excess <= 1.0, excess
+
+
+def time_call(fn: Callable[[], object], budget_s: float = 0.004, max_calls: int = 12) -> float:
+    """Median seconds of ``fn()`` after one warm-up: at least 3 calls, then until ``budget_s``."""
+    with torch.no_grad():
+        fn()
+        times: list[float] = []
+        spent = 0.0
+        while len(times) < 3 or (spent < budget_s and len(times) < max_calls):
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            times.append(dt)
+            spent += dt
+    return statistics.median(times)
+
+
+# --- the int8 probe (a subprocess: the kernel can crash) -----------------------------------------
+
+PROBE_ROWS = (1, 2, 3, 8, 16, 17, 48, 64, 65, 128)
+PROBE_REPEATS = 12  # one wrong answer in two is typical of a bad shape: 12 right ones rule it out
+
+
+def _probe_int8_shapes(shapes: list[tuple[int, int]]) -> None:
+    """Run in a subprocess: for each (out, in), ``ok`` or ``wrong`` on stdout; a crash says the rest."""
+    g = torch.Generator().manual_seed(0)
+    for out, n_in in shapes:
+        ok = True
+        q = torch.randint(-127, 128, (out, n_in), dtype=torch.int8, generator=g)
+        scale = (torch.rand(out, generator=g) + 0.5) / 127
+        for rows in PROBE_ROWS:
+            for _ in range(PROBE_REPEATS if rows == 1 else 3):
+                x = torch.randn(rows, n_in, generator=g)
+                good, _ = verified(int8_packed, x, q, scale.to(torch.bfloat16).float(), False, _UNIT["bfloat16"])
+                ok = ok and good
+        print(f"{'ok' if ok else 'wrong'} {out}x{n_in}", flush=True)
+
+
+def probe_int8(shapes: list[tuple[int, int]], timeout_s: float = 120) -> dict[tuple[int, int], bool]:
+    """Whether torch's int8 weight kernel is right for each (out, in), asked of subprocesses
+    (never this process: on some CPUs it crashes). A shape whose probe crashed is wrong."""
+    result: dict[tuple[int, int], bool] = {}
+    pending = list(dict.fromkeys(shapes))
+    if not hasattr(torch, "_weight_int8pack_mm"):
+        return {s: False for s in pending}
+    while pending:
+        arg = ",".join(f"{o}x{i}" for o, i in pending)
+        env = {**os.environ, "RWKVPY_KERNELS": "safe", "RWKVPY_PROBE_THREADS": str(torch.get_num_threads())}
+        try:
+            run = subprocess.run([sys.executable, "-m", "rwkvpy.ops.plan", "probe-int8", arg], env=env,
+                                 capture_output=True, text=True, timeout=timeout_s)
+            lines = run.stdout.split()
+        except subprocess.TimeoutExpired as e:
+            lines = (e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")).split()
+        answered = {}
+        for verdict, shape in zip(lines[::2], lines[1::2]):
+            o, i = (int(v) for v in shape.split("x"))
+            answered[(o, i)] = verdict == "ok"
+        result.update(answered)
+        rest = [s for s in pending if s not in answered]
+        if rest:  # the first unanswered shape crashed (or hung) the probe
+            result[rest[0]] = False
+            rest = rest[1:]
+        pending = rest
+    return result
+
+
+# --- the plan cache ------------------------------------------------------------------------------
+
+def machine_key() -> dict:
+    """What a plan depends on: the CPU (model, flags), cores, threads and torch."""
+    cpu, flags = platform.processor() or platform.machine(), ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key = line.split(":", 1)[0].strip()
+            if key == "model name" and cpu in ("", platform.processor() or platform.machine()):
+                cpu = line.split(":", 1)[1].strip()
+            elif key in ("flags", "Features") and not flags:
+                flags = " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return {"cpu": cpu, "flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16],
+            "capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "plan_version": PLAN_VERSION}
+
+
+def cpu_flags() -> str:
+    """The CPU features that decide kernels (for benchmark tables), as lscpu names them."""
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_bf16", "amx_int8",
+              "asimd", "sve", "bf16", "i8mm")
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    have = set()
+    for line in text.splitlines():
+        if line.split(":", 1)[0].strip() in ("flags", "Features"):
+            have = set(line.split(":", 1)[1].split())
+            break
+    return " ".join(f for f in wanted if f in have) or platform.machine()
+
+
+def cache_path() -> Path:
+    """``$RWKVPY_CACHE_DIR``, else ``$XDG_CACHE_HOME/rwkvpy``, else ``~/.cache/rwkvpy``."""
+    root = os.environ.get("RWKVPY_CACHE_DIR")
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rwkvpy"
+    return Path(root) / "kernels.json"
+
+
+def read_cache(path: Path | None = None) -> dict:
+    """The cache's entries for this machine; a file of another machine or torch reads as empty,
+    a corrupt one as empty with one warning line."""
+    path = path or cache_path()
+    if not path.is_file():
+        return {"entries": {}, "int8_probe": {}}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data.get("entries"), dict) or not isinstance(data.get("int8_probe"), dict):
+            raise ValueError("missing entries")
+    except (OSError, ValueError, AttributeError):
+        print(f"rwkvpy: warning: kernel plan cache {path} is unreadable; planning again", file=sys.stderr)
+        return {"entries": {}, "int8_probe": {}}
+    if data.get("machine") != machine_key():
+        return {"entries": {}, "int8_probe": {}}
+    return data
+
+
+def write_cache(data: dict, path: Path | None = None) -> None:
+    from ..io import atomic_write_text
+
+    path = path or cache_path()
+    try:
+        on_disk = read_cache(path) if path.is_file() else {"entries": {}, "int8_probe": {}}
+    except Exception:  # noqa: BLE001 - a cache is never worth failing for
+        on_disk = {"entries": {}, "int8_probe": {}}
+    merged = {"machine": machine_key(), "entries": {**on_disk["entries"], **data["entries"]},
+              "int8_probe": {**on_disk["int8_probe"], **data["int8_probe"]}}
+    try:
+        atomic_write_text(path, json.dumps(merged, indent=1, sort_keys=True) + "\n")
+    except OSError as e:
+        print(f"rwkvpy: warning: cannot write kernel plan cache {path}: {e}", file=sys.stderr)
+
+
+# --- planning ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Need:
+    """One way a projection runs: weight kind, shape, and whether its input is unbounded."""
+
+    kind: str  # fp32, fp64, bf16, bf16>fp16, fp16, int8
+    out: int
+    n_in: int
+    unbounded: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}|{self.out}x{self.n_in}|{'unbounded' if self.unbounded else 'bounded'}|cpu"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A planned storage and one kernel per rows class."""
+
+    dtype: str
+    layout: str
+    kernels: tuple[str, ...]
+
+
+def plan_need(need: Need, int8_ok: bool, extra: dict[str, Callable] | None = None,
+              seed: int = 0) -> dict:
+    """Time and check every candidate of ``need`` for every rows class; the cache entry.
+
+    ``extra`` adds kernels by name (tests inject a fast, wrong one)."""
+    g = torch.Generator().manual_seed(seed)
+    kernels = {**KERNELS, **(extra or {})}
+    w32 = torch.randn(need.out, need.n_in, generator=g) / need.n_in**0.5
+    cands = candidates(need.kind) + [Candidate(d, lay, name) for name in (extra or {})
+                                     for d, lay in storages(need.kind)]
+    timings: dict[str, list[float | None]] = {}
+    rejected: dict[str, str] = {}
+    for c in cands:
+        if c.kernel == "int8_packed" and not int8_ok:
+            rejected[c.name] = "failed the subprocess probe on this machine"
+            continue
+        if c.dtype == "int8":
+            w, scale = quantize_int8(w32)
+            scale = scale.to(torch.bfloat16).float()  # the packed kernel's scales are bf16
+            w = store(w, c.dtype, c.layout)
+        else:
+            w, scale = store(w32.to(torch.bfloat16) if need.kind.startswith("bf16") else w32, c.dtype,
+                             c.layout), None
+        act = torch.float64 if need.kind == "fp64" else torch.float32
+        unit = _UNIT[{"linear": c.dtype, "split": c.dtype, "upcast": "float32"}.get(
+            c.kernel, "bfloat16" if c.kernel == "int8_packed" else "float32")]
+        if act == torch.float64 and c.kernel in ("linear", "split", "upcast"):
+            unit = _UNIT["float64"]
+        fn = kernels[c.kernel]
+        row_times: list[float | None] = []
+        for _, _, rows in ROW_CLASSES:
+            x = sample_input(rows, need.n_in, need.unbounded, g, act)
+            try:
+                ok, excess = verified(fn, x, w, scale, need.unbounded, unit)
+            except RuntimeError as e:  # a kernel that refuses this shape or layout
+                ok, excess = False, str(e).splitlines()[0][:80]
+            if not ok:
+                rejected[c.name] = f"wrong at {rows} rows (error {excess} x the rounding bound)"
+                row_times = []
+                break
+            row_times.append(time_call(lambda: fn(x, w, scale, need.unbounded)))
+        if row_times:
+            timings[c.name] = row_times
+    return {"timings": timings, "rejected": rejected}
+
+
+def choose(entry: dict, allowed_dtypes: set[str] | None = None) -> Choice:
+    """From an entry's timings: the storage fastest for one row (decoding), then per rows class
+    the fastest kernel on that storage."""
+    timings = {Candidate.parse(n): t for n, t in entry["timings"].items()
+               if allowed_dtypes is None or Candidate.parse(n).dtype in allowed_dtypes}
+    if not timings:
+        raise RuntimeError("no correct kernel for this projection")
+    best = min(timings, key=lambda c: timings[c][0])
+    on_storage = {c: t for c, t in timings.items() if (c.dtype, c.layout) == (best.dtype, best.layout)}
+    kernels = tuple(min(on_storage, key=lambda c: on_storage[c][i]).kernel for i in range(len(ROW_CLASSES)))
+    return Choice(best.dtype, best.layout, kernels)
+
+
+class Planner:
+    """Plans many projections with one cache read, one int8 probe and one cache write."""
+
+    def __init__(self, extra_kernels: dict[str, Callable] | None = None, use_cache: bool = True):
+        self.extra = extra_kernels
+        self.use_cache = use_cache and not extra_kernels
+        self.data = read_cache() if self.use_cache else {"entries": {}, "int8_probe": {}}
+        self.dirty = False
+
+    def entries(self, needs: list[Need]) -> dict[Need, dict]:
+        needs = list(dict.fromkeys(needs))
+        todo = [n for n in needs if n.key not in self.data["entries"]]
+        int8_shapes = [(n.out, n.n_in) for n in todo if n.kind == "int8"
+                       and f"{n.out}x{n.n_in}" not in self.data["int8_probe"]]
+        if int8_shapes:
+            for (o, i), ok in probe_int8(int8_shapes).items():
+                self.data["int8_probe"][f"{o}x{i}"] = ok
+            self.dirty = True
+        for n in todo:
+            int8_ok = bool(self.data["int8_probe"].get(f"{n.out}x{n.n_in}", False))
+            self.data["entries"][n.key] = plan_need(n, int8_ok, self.extra)
+            self.dirty = True
+        return {n: self.data["entries"][n.key] for n in needs}
+
+    def save(self) -> None:
+        if self.use_cache and self.dirty:
+            write_cache(self.data)
+            self.dirty = False
+
+
+def describe(entry: dict, choice: Choice) -> list[str]:
+    """Lines for ``rwkvpy info --plan``: every candidate's time per rows class, and rejections."""
+    head = "  ".join(f"{lo}-{hi or '...'}" if hi != lo else f"{lo}" for lo, hi, _ in ROW_CLASSES)
+    lines = [f"    {'candidate':36s} us per call, rows {head}"]
+    for name, times in sorted(entry["timings"].items(), key=lambda kv: kv[1][0]):
+        c = Candidate.parse(name)
+        mark = ["*" if (c.dtype, c.layout) == (choice.dtype, choice.layout) and c.kernel == k else " "
+                for k in choice.kernels]
+        lines.append(f"    {name:36s} " + "  ".join(f"{t * 1e6:9.1f}{m}" for t, m in zip(times, mark)))
+    for name, why in sorted(entry["rejected"].items()):
+        lines.append(f"    {name:36s} rejected: {why}")
+    return lines
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "probe-int8":
+    torch.set_num_threads(int(os.environ.get("RWKVPY_PROBE_THREADS", torch.get_num_threads())))
+    _probe_int8_shapes([tuple(int(v) for v in s.split("x")) for s in sys.argv[2].split(",")])

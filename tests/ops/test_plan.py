@@ -1,0 +1,147 @@
+"""The kernel planner: it never picks a wrong kernel, its cache follows the machine, and planned
+models compute what safe ones do."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import rel_err
+
+from rwkvpy.models import RWKV4Config, build_model, random_state_dict
+from rwkvpy.ops import plan
+from rwkvpy.ops.linear import Int8Linear, Linear, plan_projections
+
+
+def fast_and_wrong(x, w, scale=None, unbounded=False):
+    """Returns at once, and is off by 1%: faster than every real kernel, and wrong."""
+    return torch.empty(*x.shape[:-1], w.shape[0], dtype=x.dtype).fill_(0.0) if x.shape[0] > 64 else \
+        F.linear(x, w.to(x.dtype)) * 1.01
+
+
+def test_a_fast_wrong_kernel_loses():
+    entry = plan.plan_need(plan.Need("fp32", 96, 64), int8_ok=False, extra={"bogus": fast_and_wrong})
+    assert all(not name.endswith("/bogus") for name in entry["timings"])
+    assert any(name.endswith("/bogus") for name in entry["rejected"])
+    choice = plan.choose(entry)
+    assert "bogus" not in choice.kernels
+
+
+def test_verification_rejects_garbage_and_accepts_rounding():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 40, generator=g)
+    x = torch.randn(5, 40, generator=g)
+    assert plan.verified(plan.linear, x, w, None, False, 2**-16)[0]
+    assert plan.verified(plan.linear, x, w.bfloat16(), None, False, plan._UNIT["bfloat16"])[0]
+    garbage = lambda x, w, s=None, u=False: F.linear(x, w) + 1e-3 * torch.randn(x.shape[0], w.shape[0])  # noqa: E731
+    assert not plan.verified(garbage, x, w, None, False, 2**-16)[0]
+    nan = lambda x, w, s=None, u=False: F.linear(x, w) * float("nan")  # noqa: E731
+    assert not plan.verified(nan, x, w, None, False, 1.0)[0]
+
+
+def test_choice_follows_the_timings():
+    """The planner's logic with injected timings, as on a CPU with fast bf16 (where the storage
+    that decodes fastest wins, then per rows class the fastest kernel on that storage)."""
+    entry = {"timings": {
+        "bfloat16/out_in/linear": [5.0, 9.0, 30.0, 90.0],
+        "bfloat16/out_in/upcast": [20.0, 21.0, 25.0, 40.0],
+        "bfloat16/in_out/linear": [4.0, 12.0, 35.0, 95.0],
+        "float16/out_in/linear": [3.0, 8.0, 50.0, 200.0],
+        "float16/out_in/upcast": [20.0, 21.0, 26.0, 41.0],
+    }, "rejected": {}}
+    assert plan.choose(entry) == plan.Choice("float16", "out_in", ("linear", "linear", "upcast", "upcast"))
+    # a matrix that does not convert to fp16 exactly keeps bf16
+    assert plan.choose(entry, {"bfloat16"}) == plan.Choice("bfloat16", "in_out", ("linear",) * 4)
+
+
+def test_plan_cache_round_trip_refresh_and_corruption(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RWKVPY_CACHE_DIR", str(tmp_path))
+    calls = []
+    real = plan.plan_need
+    monkeypatch.setattr(plan, "plan_need", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    need = plan.Need("fp32", 24, 16)
+    plan.Planner().entries([need])  # planned, never saved
+    p = plan.Planner()
+    p.entries([need])
+    p.save()
+    assert len(calls) == 2  # the first planner was never saved
+    saved = json.loads(plan.cache_path().read_text())
+    assert saved["machine"] == plan.machine_key() and need.key in saved["entries"]
+    plan.Planner().entries([need])
+    assert len(calls) == 2  # read back from the cache
+
+    for field, value in (("torch", "9.9.9"), ("flags_sha256", "0" * 16)):
+        key = {**plan.machine_key(), field: value}
+        monkeypatch.setattr(plan, "machine_key", lambda key=key: key)
+        fresh = plan.Planner()
+        assert fresh.data["entries"] == {}  # another machine's plans are not used
+        fresh.entries([need])
+        fresh.save()
+        assert json.loads(plan.cache_path().read_text())["machine"][field] == value
+    n = len(calls)
+
+    plan.cache_path().write_text("{not json")
+    p = plan.Planner()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unreadable" in err
+    p.entries([need])
+    p.save()
+    assert len(calls) == n + 1 and need.key in json.loads(plan.cache_path().read_text())["entries"]
+
+
+def test_safe_mode_loads_plain_kernels(tmp_path, monkeypatch):
+    import rwkvpy
+    from rwkvpy.checkpoint import save_native
+
+    cfg = RWKV4Config(vocab_size=64, n_embd=32, n_layer=1, dim_ffn=40)
+    save_native(cfg, random_state_dict(cfg), tmp_path / "m")
+    monkeypatch.setenv("RWKVPY_KERNELS", "safe")
+    assert rwkvpy.load(tmp_path / "m").head.kernels is None
+    monkeypatch.setenv("RWKVPY_KERNELS", "planned")
+    assert rwkvpy.load(tmp_path / "m").head.kernels is not None
+    monkeypatch.setenv("RWKVPY_KERNELS", "fastest")
+    with pytest.raises(ValueError, match="RWKVPY_KERNELS"):
+        rwkvpy.load(tmp_path / "m")
+
+
+def logits_both_forms(model, tokens):
+    with torch.no_grad():
+        whole, _ = model(tokens)
+        rows, state = [], None
+        for t in range(tokens.shape[1]):
+            row, state = model.step(tokens[:, t], state)
+            rows.append(row)
+    return whole, torch.stack(rows, 1)
+
+
+@pytest.mark.parametrize("n_in", [40, 168])
+@pytest.mark.parametrize("batch", [1, 2, 16])
+def test_int8_models_with_awkward_widths_match_fp32(n_in, batch):
+    """in_features 40 and 168 (not multiples of 16: torch's int8 kernel fails on AVX-512), planned,
+    in both forms, with 1, 2 and 16 rows: the fp32 logits within the int8 tolerance."""
+    cfg = RWKV4Config(vocab_size=96, n_embd=n_in, n_layer=2, dim_ffn=n_in)
+    sd = random_state_dict(cfg, seed=7)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, 6), generator=torch.Generator().manual_seed(batch))
+    ref_whole, _ = logits_both_forms(build_model(cfg, sd), tokens)
+    model = build_model(cfg, sd, quantize="int8")
+    plan_projections(model)
+    assert all(m.kernels is not None for m in model.modules() if isinstance(m, Int8Linear))
+    whole, steps = logits_both_forms(model, tokens)
+    assert rel_err(whole, ref_whole) < 0.04 and rel_err(steps, ref_whole) < 0.04
+
+
+@pytest.mark.parametrize("kw, tol", [({}, 1e-5), ({"dtype": torch.bfloat16}, 0.02),
+                                     ({"dtype": torch.float16}, 0.002), ({"quantize": "int8"}, 0.03)],
+                         ids=["fp32", "bf16", "fp16", "int8"])
+def test_planned_and_safe_models_agree(kw, tol):
+    cfg = RWKV4Config(vocab_size=80, n_embd=48, n_layer=2, dim_ffn=168)
+    sd = random_state_dict(cfg, seed=8)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    safe = build_model(cfg, sd, **kw)
+    planned = build_model(cfg, sd, **kw)
+    report = []
+    plan_projections(planned, report=report)
+    assert report and all(m.kernels is not None for m in planned.modules() if isinstance(m, (Linear, Int8Linear)))
+    a, b = logits_both_forms(safe, tokens), logits_both_forms(planned, tokens)
+    for x, y in zip(a, b):
+        assert rel_err(y, x) < tol
