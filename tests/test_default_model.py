@@ -1,8 +1,14 @@
-"""The bundled default model: loads with no arguments, generates, and keeps its recorded quality.
+"""The bundled default model: loads with no arguments, computes the official package's logits,
+generates its greedy text, and keeps its recorded quality.
 
-The expected validation loss is the figure `experiments/bundle_default.py` printed for the
-bundled (fp16) file when it was made, recorded in docs/experiments.md.
+Golden values: tests/data/default_model_golden.json, written by the official ``rwkv`` package
+(tests/data/make_default_model_golden.py says how). The expected validation loss is the figure
+`experiments/bundle_default.py` printed for the bundled (fp16) file when it was made, recorded
+in docs/experiments.md.
 """
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,18 +18,27 @@ from rwkvpy.loading import default_model_path
 from rwkvpy.tokenizers import ByteTokenizer
 from rwkvpy.train.evaluate import evaluate_file
 
-from conftest import SHARED_DATA  # noqa: E402
+from conftest import SHARED_DATA, rel_err  # noqa: E402
 
 SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
 RECORDED_VAL_LOSS = 1.4671  # bundled (fp16), windows of 128 over the last 10%, 2026-11-22
 
 
-def test_bundled_model_loads_and_generates():
+GOLDEN = json.loads((Path(__file__).parent / "data" / "default_model_golden.json").read_text())
+
+
+def test_bundled_model_gives_the_official_logits_and_greedy_text():
     model = rwkvpy.load(default_model_path())
     assert model.config.vocab_size == 256
-    gen = rwkvpy.generate(model, ByteTokenizer(), "ROMEO:", max_new_tokens=60, temperature=0)
-    text = gen.run()
-    assert len(text) > 0 and gen.finish_reason == "length"
+    prompt = list(GOLDEN["prompt"].encode())
+    expected = torch.tensor(GOLDEN["prompt_logits"])
+    with torch.no_grad():
+        whole, _ = model(torch.tensor([prompt]))
+    assert rel_err(whole[0], expected) < 1e-4
+    gen = rwkvpy.generate(model, ByteTokenizer(), GOLDEN["prompt"], max_new_tokens=len(GOLDEN["greedy_tokens"]),
+                          temperature=0)
+    gen.run()
+    assert gen.tokens == GOLDEN["greedy_tokens"] and gen.finish_reason == "length"
 
 
 @pytest.mark.slow

@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     sampling_args(ch, temperature=1.0, top_p=0.3, max_tokens=500)
     ch.set_defaults(func=cmd_chat, presence_penalty=0.4, frequency_penalty=0.4, penalty_decay=0.996)
 
-    from .train import ARCHS, TrainConfig
+    from .train import ARCHS, PRECISIONS, TrainConfig
 
     t = sub.add_parser("train", help="train a language model (RWKV-4 or the GPT baseline)")
     t.add_argument("--data", required=True, help="a text file (bytes unless --tokenizer is given)")
@@ -391,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip", "val_fraction"):
         t.add_argument("--" + name.replace("_", "-"), type=float, dest=name,
                        help=f"default {getattr(defaults, name)}")
-    t.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast")
+    t.add_argument("--precision", choices=PRECISIONS,
+                   help="fp32, bf16 (autocast), or auto (default): bf16 where a short probe finds it faster here")
     t.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the model: 0.5-2 minutes to start; on a CPU RWKV-4 steps measured "
                         "faster at small widths, slower at 512 (docs/benchmarks.md)")

@@ -121,7 +121,7 @@ class Int8Linear(nn.Module):
 def _kind(module: nn.Module) -> str:
     dtype = module.weight.dtype
     if dtype == torch.bfloat16:
-        return "bf16>fp16" if planner.fp16_exact(module.weight) else "bf16"
+        return "bf16>fp16" if planner.fp16_faithful(module.weight) else "bf16"
     return {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", torch.int8: "int8"}[dtype]
 
 
@@ -136,7 +136,9 @@ def plan_projections(model: nn.Module, planner_: planner.Planner | None = None,
     if not modules:
         return
     p = planner_ or planner.Planner()
-    needs = {name: planner.Need(_kind(m), m.out_features, m.in_features, m.unbounded_input) for name, m in modules}
+    cold = sum(m.weight.numel() * m.weight.element_size() for _, m in modules) > planner.last_level_cache_bytes()
+    needs = {name: planner.Need(_kind(m), m.out_features, m.in_features, m.unbounded_input, cold)
+             for name, m in modules}
     fresh = [n for n in dict.fromkeys(needs.values()) if n.key not in p.data["entries"]]
     if fresh:
         print(f"rwkvpy: timing kernels for {len(fresh)} projection shape(s) on this machine (cached "

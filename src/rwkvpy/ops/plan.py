@@ -24,6 +24,7 @@ transposed view so the parameter keeps its shape); a *kernel* is a function
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -42,7 +43,7 @@ from torch import Tensor
 from .quant import quantize_int8
 
 # (first row, last row, the rows timed for the class)
-ROW_CLASSES = ((1, 1, 1), (2, 16, 8), (17, 64, 48), (65, None, 128))
+ROW_CLASSES = ((1, 1, 1), (2, 16, 8), (17, 64, 48), (65, None, 256))
 PLAN_VERSION = 1
 _HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, **_HALF, "int8": torch.int8}
@@ -86,6 +87,12 @@ def linear(x: Tensor, w: Tensor, scale: Tensor | None = None, unbounded: bool = 
     return y if s is None else y * s
 
 
+def linear_bf16(x: Tensor, w: Tensor, scale: Tensor | None = None, unbounded: bool = False) -> Tensor:
+    """The product in bf16 for a bf16 checkpoint stored as fp16 (for decoding): the weight goes
+    back to its own values in bf16, where CPUs with bf16 arithmetic multiply fastest."""
+    return F.linear(x.to(torch.bfloat16), w.to(torch.bfloat16)).to(x.dtype)
+
+
 def upcast(x: Tensor, w: Tensor, scale: Tensor | None = None, unbounded: bool = False) -> Tensor:
     """The weight widened to x's dtype, then ``F.linear``: the safe product for half weights."""
     return F.linear(x, w.to(x.dtype))
@@ -127,7 +134,7 @@ def int8_packed(x: Tensor, q: Tensor, scale: Tensor, unbounded: bool = False) ->
     return y.view(*x.shape[:-1], q.shape[0]).to(x.dtype)
 
 
-KERNELS: dict[str, Callable] = {"linear": linear, "upcast": upcast, "split": split_rows,
+KERNELS: dict[str, Callable] = {"linear": linear, "linear_bf16": linear_bf16, "upcast": upcast, "split": split_rows,
                                 "int8_dequantized": int8_dequantized, "int8_packed": int8_packed}
 SAFE_KERNEL = {"int8": "int8_dequantized"}  # every other storage: "linear" / "upcast"
 # Relative rounding of each kernel's arithmetic, for the check against float64: fp32 sums of a
@@ -154,8 +161,8 @@ class Candidate:
 
 
 def storages(kind: str) -> list[tuple[str, str]]:
-    """The storages a weight of ``kind`` may take. ``bf16>fp16``: a bf16 matrix whose every value
-    converts to fp16 exactly (checked per matrix) may also be stored as fp16."""
+    """The storages a weight of ``kind`` may take. ``bf16>fp16``: a bf16 matrix that converts to
+    fp16 faithfully (:func:`fp16_faithful`, checked per matrix) may also be stored as fp16."""
     if kind == "int8":
         return [("int8", "out_in")]  # torch's int8 kernel reads (out, in)
     dtypes = {"fp32": ["float32"], "fp64": ["float64"], "bf16": ["bfloat16"], "fp16": ["float16"],
@@ -172,6 +179,8 @@ def candidates(kind: str, activation: str = "float32") -> list[Candidate]:
                 out.append(Candidate(dtype, layout, "int8_packed"))
             continue
         names = ["linear"] + (["upcast"] if dtype != activation else [])
+        if kind == "bf16>fp16" and dtype == "float16":
+            names.append("linear_bf16")
         if layout == "out_in":
             names.append("split")
         out += [Candidate(dtype, layout, n) for n in names]
@@ -186,9 +195,18 @@ def store(weight: Tensor, dtype: str, layout: str) -> Tensor:
     return w.contiguous()
 
 
-def fp16_exact(weight: Tensor) -> bool:
-    """Whether every value of a bf16 matrix survives the trip to fp16 (magnitudes 2^-17 .. 65504)."""
-    return weight.dtype == torch.bfloat16 and torch.equal(weight.to(torch.float16).to(torch.bfloat16), weight)
+def fp16_faithful(weight: Tensor) -> bool:
+    """Whether a bf16 matrix may run as fp16 without losing anything bf16 keeps: no value beyond
+    fp16's 65504, and each value converted within 2^-9 of its row's largest magnitude (bf16's own
+    rounding). Values from 2^-17 to 65504 convert exactly; smaller ones (fp16 subnormals) move
+    by at most 2^-25, which only rows of tiny values would notice."""
+    if weight.dtype != torch.bfloat16 or weight.dim() != 2:
+        return False
+    w = weight.float()
+    if w.abs().max() >= 65504:
+        return False
+    err = (weight.to(torch.float16).float() - w).abs()
+    return bool((err <= 2**-9 * w.abs().amax(1, keepdim=True)).all())
 
 
 # --- checking and timing -------------------------------------------------------------------------
@@ -215,6 +233,19 @@ def verified(kernel: Callable, x: Tensor, w: Tensor, scale: Tensor | None, unbou
         return False, float("inf")
     excess = ((y.double() - expected).abs() / bound).max().item()
     return excess <= 1.0, excess
+
+
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache (sysfs), or 32 MiB when the system does not say."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = f.read_text().strip().upper()
+            sizes.append(int(text[:-1]) * {"K": 2**10, "M": 2**20, "G": 2**30}[text[-1]] if text[-1] in "KMG"
+                         else int(text))
+        except (OSError, ValueError, KeyError):
+            pass
+    return max(sizes, default=32 * 2**20)
 
 
 def time_call(fn: Callable[[], object], budget_s: float = 0.004, max_calls: int = 12) -> float:
@@ -369,10 +400,12 @@ class Need:
     out: int
     n_in: int
     unbounded: bool = False
+    cold: bool = False  # the model's weights exceed the last-level cache: each call reads from memory
 
     @property
     def key(self) -> str:
-        return f"{self.kind}|{self.out}x{self.n_in}|{'unbounded' if self.unbounded else 'bounded'}|cpu"
+        return (f"{self.kind}|{self.out}x{self.n_in}|{'unbounded' if self.unbounded else 'bounded'}|"
+                f"{'memory' if self.cold else 'cache'}|cpu")
 
 
 @dataclass(frozen=True)
@@ -407,9 +440,15 @@ def plan_need(need: Need, int8_ok: bool, extra: dict[str, Callable] | None = Non
         else:
             w, scale = store(w32.to(torch.bfloat16) if need.kind.startswith("bf16") else w32, c.dtype,
                              c.layout), None
+        # Decoding a model larger than the cache reads every weight from memory: time it so, on
+        # copies that together exceed the cache, taken in turn (one copy stays cache-hot).
+        copies = [w]
+        if need.cold:
+            copies += [w.clone() for _ in range(-(-2 * last_level_cache_bytes() // (w.numel() * w.element_size())) - 1)]
+        turn = itertools.cycle(copies)
         act = torch.float64 if need.kind == "fp64" else torch.float32
-        unit = _UNIT[{"linear": c.dtype, "split": c.dtype, "upcast": "float32"}.get(
-            c.kernel, "bfloat16" if c.kernel == "int8_packed" else "float32")]
+        unit = _UNIT[{"linear": c.dtype, "split": c.dtype, "upcast": "float32", "linear_bf16": "bfloat16",
+                      "int8_packed": "bfloat16"}.get(c.kernel, "float32")]
         if act == torch.float64 and c.kernel in ("linear", "split", "upcast"):
             unit = _UNIT["float64"]
         fn = kernels[c.kernel]
@@ -424,7 +463,7 @@ def plan_need(need: Need, int8_ok: bool, extra: dict[str, Callable] | None = Non
                 rejected[c.name] = f"wrong at {rows} rows (error {excess} x the rounding bound)"
                 row_times = []
                 break
-            row_times.append(time_call(lambda: fn(x, w, scale, need.unbounded)))
+            row_times.append(time_call(lambda: fn(x, next(turn), scale, need.unbounded)))
         if row_times:
             timings[c.name] = row_times
     return {"timings": timings, "rejected": rejected}

@@ -15,7 +15,8 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+import sys
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,6 +33,8 @@ from .data import TokenData, WindowSampler, eval_starts, load_data, windows
 from .evaluate import summed_loss
 
 ARCHS = ("rwkv4", "gpt")
+PRECISIONS = ("auto", "fp32", "bf16")
+BF16_MIN_SPEEDUP = 1.15  # auto takes bf16 autocast only when the probe's step is this much faster
 LOG_FIELDS = ["step", "tokens", "lr", "train_loss", "val_loss", "val_bpb", "elapsed_s", "tokens_per_s"]
 
 
@@ -61,12 +64,14 @@ class TrainConfig:
     ckpt_interval: int = 250
     log_interval: int = 10
     val_fraction: float = 0.1
-    bf16: bool = False
+    precision: str = "auto"  # fp32, bf16 (autocast), or auto: bf16 only where a probe here finds it faster
     compile: bool = False  # torch.compile the model (slow start; faster or slower by size, see docs)
     seed: int = 1337
     device: str = "cpu"
 
     def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise RwkvpyError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.arch not in ARCHS:
             raise RwkvpyError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
         for name in ("n_layer", "n_embd", "ctx_len", "batch_size", "grad_accum", "max_iters", "eval_windows",
@@ -75,6 +80,11 @@ class TrainConfig:
                 raise RwkvpyError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.arch == "gpt" and self.n_embd % self.n_head:
             raise RwkvpyError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+
+
+def choose_precision(fp32_seconds: float, bf16_seconds: float) -> str:
+    """``bf16`` when a step under bf16 autocast is at least BF16_MIN_SPEEDUP x faster."""
+    return "bf16" if fp32_seconds >= BF16_MIN_SPEEDUP * bf16_seconds else "fp32"
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -146,7 +156,10 @@ class Trainer:
             if not self.ckpt_path.is_file():
                 raise RwkvpyError(f"{self.ckpt_path}: no checkpoint to resume from")
             state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
-            cfg = TrainConfig(**{**state["config"], "device": cfg.device})
+            saved = dict(state["config"])
+            if "bf16" in saved:  # checkpoints before --precision
+                saved["precision"] = "bf16" if saved.pop("bf16") else "fp32"
+            cfg = TrainConfig(**{**saved, "device": cfg.device})
         if cfg.batch_size % self.world:
             raise RwkvpyError(f"batch_size {cfg.batch_size} is not divisible by {self.world} processes")
         self.cfg = cfg
@@ -165,6 +178,9 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.sampler.generator.set_state(state["sampler"])
             self.step = state["step"]
+        if cfg.precision == "auto":  # decided once; checkpoints record the decision, so resume is exact
+            cfg = replace(cfg, precision=self._probe_precision())
+            self.cfg = cfg
         self.ddp = self.model
         if self.world > 1:
             self.ddp = nn.parallel.DistributedDataParallel(self.model)
@@ -181,9 +197,43 @@ class Trainer:
     def n_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
-    def _autocast(self):
+    def _autocast(self, precision: str | None = None):
         return torch.autocast(device_type=torch.device(self.cfg.device).type, dtype=torch.bfloat16,
-                              enabled=self.cfg.bf16)
+                              enabled=(precision or self.cfg.precision) == "bf16")
+
+    def _probe_precision(self, repeats: int = 3) -> str:
+        """``bf16`` where a forward and backward of one micro-batch of this model runs at least
+        BF16_MIN_SPEEDUP x faster under bf16 autocast than in fp32 on this machine, else ``fp32``
+        (CPUs without native bf16 run it ~27x slower; with AVX512-BF16 ~2x faster). Gradients are
+        discarded and the sampler is not touched, so training is as if no probe ran. With several
+        processes rank 0 decides for all."""
+        cfg = self.cfg
+        rows = max(1, cfg.batch_size // self.world)
+        g = torch.Generator().manual_seed(0)
+        x, y = windows(self.data.train, torch.randint(0, len(self.data.train) - cfg.ctx_len - 1, (rows,),
+                                                     generator=g).tolist(), cfg.ctx_len)
+        x, y = x.to(cfg.device), y.to(cfg.device)
+
+        def seconds(precision: str) -> float:
+            times = []
+            for _ in range(repeats + 1):
+                t0 = time.perf_counter()
+                with self._autocast(precision):
+                    lm_loss(self.model, x, y, cfg.arch).backward()
+                times.append(time.perf_counter() - t0)
+            return sorted(times[1:])[len(times[1:]) // 2]
+
+        fp32, bf16 = seconds("fp32"), seconds("bf16")
+        self.optimizer.zero_grad(set_to_none=True)
+        choice = torch.tensor([1.0 if choose_precision(fp32, bf16) == "bf16" else 0.0])
+        if self.world > 1:
+            torch.distributed.broadcast(choice, src=0)
+        precision = "bf16" if choice.item() else "fp32"
+        self.precision_probe = {"fp32_s": fp32, "bf16_s": bf16, "chosen": precision}
+        if self.rank == 0:
+            print(f"precision auto: a step took {fp32 * 1e3:.0f} ms in fp32, {bf16 * 1e3:.0f} ms under bf16 "
+                  f"autocast: training in {precision}", file=sys.stderr)
+        return precision
 
     def train_step(self) -> float:
         cfg, rows = self.cfg, self.cfg.batch_size // self.world

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -19,7 +20,8 @@ from rwkvpy.models.rwkv4 import official_init
 from rwkvpy.train import TrainConfig, Trainer, lr_at
 
 TINY = dict(n_layer=2, n_embd=16, n_head=2, ctx_len=16, batch_size=4, max_iters=24, warmup_iters=4,
-            eval_interval=8, eval_windows=8, ckpt_interval=6, log_interval=3, lr=3e-3, min_lr=3e-4)
+            eval_interval=8, eval_windows=8, ckpt_interval=6, log_interval=3, lr=3e-3, min_lr=3e-4,
+            precision="fp32")  # pinned: runs compared for equality must not differ in a timing probe
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
         "must be in want of a wife. ") * 40
 
@@ -115,14 +117,17 @@ def test_checkpoint_survives_a_crash_mid_write(tmp_path, corpus, monkeypatch):
 
 def test_outputs_and_the_trained_model_runs(tmp_path, corpus):
     out = tmp_path / "run"
-    run(*train_cli(corpus, out, "--max-iters=8"))
+    run(*train_cli(corpus, out))
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    assert read_log(out)[-1]["step"] == "8"
+    assert read_log(out)[-1]["step"] == str(TINY["max_iters"])
     r = run("-m", "rwkvpy", "generate", "--model", out / "model", "It is", "--max-tokens", "10", "--seed", "1")
     assert len(r.stdout) > 1
     r = run("-m", "rwkvpy", "eval", "--model", out / "model", "--data", corpus, "--ctx-len", "16", "--json")
     result = json.loads(r.stdout)
-    assert result["split"] == "val" and 0 < result["loss"] < 6 and result["tokens"] > 0
+    # A uniform byte model scores ln 256 = 5.55 nats; 24 steps reach ~4.0 here (the unigram
+    # entropy of this text is 2.86), so beating uniform by a nat shows that training trained.
+    assert result["split"] == "val" and result["tokens"] > 0
+    assert result["loss"] < math.log(256) - 1.0, result
 
 
 @pytest.mark.parametrize("arch", ["rwkv4", "gpt"])
@@ -256,3 +261,19 @@ def test_config_validation():
         TrainConfig(data="x", arch="gpt", n_embd=30, n_head=4)
     with pytest.raises(RwkvpyError, match="max_iters must be >= 1"):
         replace(TrainConfig(data="x"), max_iters=0)
+
+
+def test_precision_auto_is_decided_once_by_a_probe_and_recorded(tmp_path, corpus):
+    from rwkvpy.train.trainer import choose_precision
+
+    assert choose_precision(1.0, 0.5) == "bf16"  # AVX512-BF16: ~2x faster
+    assert choose_precision(1.0, 27.0) == "fp32"  # AVX2: ~27x slower
+    assert choose_precision(1.0, 0.95) == "fp32"  # a few percent is noise, not a reason
+    cfg = TrainConfig(data=str(corpus), out_dir=str(tmp_path / "run"), **{**TINY, "precision": "auto",
+                                                                          "max_iters": 2})
+    trainer = Trainer(cfg)
+    chosen = trainer.cfg.precision
+    assert chosen in ("fp32", "bf16") and trainer.precision_probe["chosen"] == chosen
+    assert choose_precision(trainer.precision_probe["fp32_s"], trainer.precision_probe["bf16_s"]) == chosen
+    trainer.fit(progress=False)
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["config"]["precision"] == chosen
