@@ -5,7 +5,8 @@
 The matrices of one RWKV-4-Pile-169M (12 layers x width 768, FFN 3072, plus the 50277-row
 head): ~494 MB in fp32, far beyond the caches, so every call reads its weight from memory.
 Prints GB/s of weight read (bytes of the stored weight / time) for each candidate; the
-choices in ``src/rwkvpy/ops/linear.py`` come from this table (docs/benchmarks.md).
+kernel planner (``src/rwkvpy/ops/plan.py``) makes these choices per machine at load time;
+this script shows the whole table at once (``rwkvpy info MODEL --plan`` shows the plan).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from rwkvpy.bench import median_time
-from rwkvpy.ops.linear import _split_rows_product, quantize_int8
+from rwkvpy.ops.plan import split_rows as _split_rows_product
+from rwkvpy.ops.quant import quantize_int8
 
 
 def main() -> None:

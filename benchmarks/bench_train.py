@@ -37,7 +37,7 @@ def gemm_gflops(n: int = 1024, repeats: int = 10) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9
 
 
-def training_step(model, forward, batch, ctx):
+def training_step(model, forward, batch, ctx, bf16: bool = False):
     """One timed step (forward, backward, AdamW update) on a fixed random batch, as a closure."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the trainer
     g = torch.Generator().manual_seed(0)
@@ -46,8 +46,9 @@ def training_step(model, forward, batch, ctx):
 
     def step() -> float:
         t = time.perf_counter()
-        logits = forward(model, x)
-        loss = F.cross_entropy(logits.reshape(-1, V), y.reshape(-1))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # as train --precision bf16
+            logits = forward(model, x)
+            loss = F.cross_entropy(logits.float().reshape(-1, V), y.reshape(-1))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -78,14 +79,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--sizes", default=",".join(SIZES))
     ap.add_argument("--compile", action="store_true", help="torch.compile rwkvpy's models (as train --compile)")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: every model under autocast")
     args = ap.parse_args()
     gflops = gemm_gflops()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 GEMM {gflops:.0f} GFLOP/s"
-          f"{', rwkvpy models compiled' if args.compile else ''}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 GEMM {gflops:.0f} GFLOP/s, "
+          f"{args.precision}{', rwkvpy models compiled' if args.compile else ''}")
     for name in args.sizes.split(","):
         size = SIZES[name]
         print(f"\n## {name}: {size}")
-        peers = [(label, model, training_step(model, forward, size["batch"], size["ctx"]))
+        peers = [(label, model, training_step(model, forward, size["batch"], size["ctx"], args.precision == "bf16"))
                  for label, model, forward in models(size, args.compile)]
         times = {label: [] for label, _, _ in peers}
         # Steps interleaved, model after model, so that drift in the machine's speed (large on a

@@ -1,6 +1,7 @@
 """RWKV-4 vs the GPT baseline at nanoGPT's CPU setting on tinyshakespeare (byte level).
 
     python experiments/nanogpt_cpu.py --data ../shared/data/tinyshakespeare.txt [--out runs/nanogpt_cpu]
+                                      [--precision fp32|bf16|auto] [--archs rwkv4,gpt]
 
 nanoGPT's setting: 4 layers, width 128, context 64, batch 12, 2000 iterations, lr 1e-3 with
 warm-up 100 and cosine decay to 1e-4, no dropout; nanoGPT reports 1.88 nats/char for its GPT.
@@ -35,10 +36,12 @@ def main():
     ap.add_argument("--data", required=True)
     ap.add_argument("--out", default="runs/nanogpt_cpu")
     ap.add_argument("--plot", default="docs/img/nanogpt_cpu.png")
+    ap.add_argument("--precision", default="fp32", help="fp32 (the recorded runs), bf16 or auto")
+    ap.add_argument("--archs", default="rwkv4,gpt")
     args = ap.parse_args()
     results, logs = {}, {}
-    for arch in ("rwkv4", "gpt"):
-        cfg = TrainConfig(data=args.data, out_dir=f"{args.out}/{arch}", arch=arch,
+    for arch in args.archs.split(","):
+        cfg = TrainConfig(data=args.data, out_dir=f"{args.out}/{arch}", arch=arch, precision=args.precision,
                           dim_ffn=448 if arch == "rwkv4" else None, **SETTING)
         trainer = Trainer(cfg)
         r = trainer.fit()

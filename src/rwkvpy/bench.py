@@ -172,43 +172,56 @@ def hf_tasks(folder: Path, kind: str, vocab: int, prompt, decode_tokens, repeats
 
 def peak_rss(path, kind: str, decode_tokens: int = 32) -> int:
     """Peak resident memory (bytes) of a fresh process that loads the model and decodes."""
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec from the forking parent.
-    code = ("import sys, torch, rwkvpy\n"
-            "from rwkvpy.bench import KINDS\n"
-            "m = rwkvpy.load(sys.argv[1], **KINDS[sys.argv[2]])\n"
-            "s = None\n"
-            "with torch.no_grad():\n"
-            f"    for _ in range({decode_tokens}): _, s = m.step(torch.tensor([1]), s)\n"
-            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
-            "print(int(hwm.split()[1]) * 1024)\n")
-    return int(_fresh_process(code, path, kind)[-1])
+    return int(_fresh_process("peak-rss", path, kind, decode_tokens)[-1])
 
 
 def long_context_rss(path, kind: str, total: int, near: int = 1000) -> tuple[int, int]:
     """RSS (bytes) of a fresh process decoding after ``near`` and after ``total`` tokens of
     context (prefilled in chunks of 1024), so nothing else measured here is counted."""
-    code = ("import sys, torch, rwkvpy\n"
-            "from rwkvpy.bench import KINDS, current_rss\n"
-            "m = rwkvpy.load(sys.argv[1], **KINDS[sys.argv[2]])\n"
-            "g = torch.Generator().manual_seed(0)\n"
-            "V, state, done = m.config.vocab_size, None, 0\n"
-            "with torch.no_grad():\n"
-            "    for target in (int(sys.argv[3]), int(sys.argv[4])):\n"
-            "        while done < target:\n"
-            "            n = min(1024, target - done)\n"
-            "            _, state = m(torch.randint(0, V, (1, n), generator=g), state, last_only=True)\n"
-            "            done += n\n"
-            "        for _ in range(16):\n"
-            "            _, state = m.step(torch.randint(0, V, (1,), generator=g), state)\n"
-            "        print(current_rss(), flush=True)\n")
-    first, second = (int(x) for x in _fresh_process(code, path, kind, near, total)[-2:])
+    first, second = (int(x) for x in _fresh_process("long-context-rss", path, kind, near, total)[-2:])
     return first, second
 
 
-def _fresh_process(code: str, *args) -> list[str]:
-    """Run ``code`` in a new Python process; the words it printed."""
-    out = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
-                         check=True)
+def _vm_hwm() -> int:
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec from the forking parent.
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) * 1024
+
+
+@torch.no_grad()
+def _child_peak_rss(path: str, kind: str, decode_tokens: str) -> None:
+    from .loading import load
+
+    model, state = load(path, **KINDS[kind]), None
+    for _ in range(int(decode_tokens)):
+        _, state = model.step(torch.tensor([1]), state)
+    print(_vm_hwm())
+
+
+@torch.no_grad()
+def _child_long_context_rss(path: str, kind: str, *targets: str) -> None:
+    from .loading import load
+
+    model = load(path, **KINDS[kind])
+    g = torch.Generator().manual_seed(0)
+    V, state, done = model.config.vocab_size, None, 0
+    for target in map(int, targets):
+        while done < target:
+            n = min(1024, target - done)
+            _, state = model(torch.randint(0, V, (1, n), generator=g), state, last_only=True)
+            done += n
+        for _ in range(16):
+            _, state = model.step(torch.randint(0, V, (1,), generator=g), state)
+        print(current_rss(), flush=True)
+
+
+_CHILDREN = {"peak-rss": _child_peak_rss, "long-context-rss": _child_long_context_rss}
+
+
+def _fresh_process(child: str, *args) -> list[str]:
+    """Run one of ``_CHILDREN`` in a new Python process; the words it printed."""
+    out = subprocess.run([sys.executable, "-m", "rwkvpy.bench", child, *map(str, args)], capture_output=True,
+                         text=True, check=True)
     return out.stdout.split()
 
 
@@ -320,3 +333,7 @@ def write_json(result: dict, path) -> None:
 
 
 __all__ = ["run", "median_time", "memory_bandwidth", "bytes_per_token", "peak_rss", "long_context_rss", "machine"]
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] in _CHILDREN:
+    _CHILDREN[sys.argv[1]](*sys.argv[2:])

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import FORMATS, convert_checkpoint, probe_tokens, read_checkpoint
+from .checkpoint import FORMATS, convert_checkpoint, describe_checkpoint, read_checkpoint
 from .errors import RwkvpyError
 from .generation import FORMATS as CHAT_FORMATS
 from .generation import ChatSession, SamplingParams, generate
-from .loading import default_model_path, load
-from .models import PROJECTIONS, RWKV4Config, build_model, load_state, random_state_dict
-from .ops.quant import check_loss_increase, is_quantized, logit_agreement, quantize_state_dict
+from .loading import default_model_path, load, quantize_checkpoint
+from .models import RWKV4Config, build_model, load_state, random_state_dict
 from .tokenizers import tokenizer_for_model
 
 
@@ -38,53 +37,12 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def _nbytes(sd) -> int:
-    return sum(t.numel() * t.element_size() for t in sd.values())
-
-
-@torch.no_grad()
 def cmd_quantize(args) -> int:
-    from .checkpoint.native import save_native
-    from .tokenizers import find_tokenizer_file
-
     src, dst = Path(args.src), Path(args.dst)
     if dst.exists() and not args.overwrite:
         raise RwkvpyError(f"{dst}: already exists (pass --overwrite to replace it)")
-    cfg, sd, fmt = read_checkpoint(src)
-    if is_quantized(sd):
-        raise RwkvpyError(f"{src}: already quantized to int8")
-    qsd = quantize_state_dict(sd, PROJECTIONS)
-    print(f"read {src} ({fmt}): {_describe(cfg, sd)}")
-    print(f"int8 projections with one scale per output row: {_nbytes(sd) / 2**20:,.1f} MiB -> "
-          f"{_nbytes(qsd) / 2**20:,.1f} MiB")
-    ref, quant = build_model(cfg, sd), build_model(cfg, qsd)
-
-    tokens = probe_tokens(cfg.vocab_size, 64)
-    q = logit_agreement(ref(tokens)[0][0], quant(tokens)[0][0])
-    print(f"probe ({tokens.shape[1]} tokens): max |logit difference| {q['max_abs_diff']:.3g}, "
-          f"mean KL(fp32 || int8) {q['kl']:.3g} nats, top-1 agreement {q['top1']:.1%}")
-    if args.data:
-        from .train.evaluate import evaluate_file
-
-        tokenizer = None
-        if cfg.vocab_size != 256 or args.tokenizer:
-            tokenizer = tokenizer_for_model(cfg.vocab_size, args.tokenizer, src)
-        losses = [evaluate_file(m, args.data, tokenizer, ctx_len=args.ctx_len)["loss"] for m in (ref, quant)]
-        change = (losses[1] - losses[0]) / losses[0]
-        print(f"validation loss on {args.data}: fp32 {losses[0]:.4f}, int8 {losses[1]:.4f} nats/token "
-              f"({change:+.2%})")
-        if not args.force:
-            check_loss_increase(losses[0], losses[1], args.max_loss_increase)
-    save_native(cfg, qsd, dst)
-    tok = find_tokenizer_file(src) if src.is_dir() else None
-    if tok is not None:
-        from .io import atomic_write
-
-        atomic_write(dst / tok.name, lambda tmp: Path(tmp).write_bytes(tok.read_bytes()))
-    _, back, _ = read_checkpoint(dst)
-    if not all(torch.equal(back[k], qsd[k]) for k in qsd):
-        raise RwkvpyError(f"{dst}: tensors read back differ from those written")
-    print(f"wrote {dst} (rwkvpy format, int8){'; copied ' + tok.name if tok else ''}")
+    quantize_checkpoint(src, dst, data=args.data, tokenizer=args.tokenizer, ctx_len=args.ctx_len,
+                        max_loss_increase=None if args.force else args.max_loss_increase, log=print)
     return 0
 
 
@@ -103,6 +61,9 @@ def cmd_bench(args) -> int:
         raise RwkvpyError(f"--kinds: unknown {unknown[0]!r}; choose from {', '.join(bench.KINDS)}")
     path = args.model or default_model_path()
     read_checkpoint(path)  # a bad path fails here, in one line
+    if args.plan:
+        for kind in kinds:
+            print_plan(path, "fp32" if kind == "int8" else kind, kind == "int8")
     result = bench.run(path, kinds=kinds, batches=ints(args.batches, "batches"), prompt=args.prompt,
                        decode_tokens=args.decode_tokens, repeats=args.repeats, peers=not args.no_peers,
                        long_context=args.long_context, compiled=args.compile)
@@ -119,7 +80,24 @@ def cmd_info(args) -> int:
     print(f"  {'parameters':15s} {sum(t.numel() for t in sd.values()):,}")
     dtypes = Counter(str(t.dtype).replace("torch.", "") for t in sd.values())
     print(f"  {'dtypes':15s} {', '.join(f'{d} ({n})' for d, n in dtypes.items())}")
+    if args.plan:
+        print_plan(args.model, args.dtype, args.int8)
     return 0
+
+
+def print_plan(model_path, dtype: str, int8: bool) -> None:
+    """The kernel plan of this machine for the model, and the timings behind it."""
+    from .ops.plan import cache_path, cpu_flags, kernels_mode
+
+    if kernels_mode() == "safe":
+        print("kernels: RWKVPY_KERNELS=safe: plain F.linear everywhere, nothing planned")
+        return
+    report: list[str] = []
+    load(model_path, dtype=dtype, quantize="int8" if int8 else None, plan_report=report)
+    print(f"kernel plan ({dtype}{', int8' if int8 else ''}; CPU flags: {cpu_flags()}; {torch.get_num_threads()} "
+          f"threads; cache {cache_path()}); '*' marks the kernel used for each rows class:")
+    for line in report:
+        print(line)
 
 
 @torch.no_grad()
@@ -286,10 +264,8 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _describe(cfg: RWKV4Config, sd) -> str:
-    n = sum(t.numel() for t in sd.values())
-    return (f"RWKV-4, {cfg.n_layer} layers, n_embd {cfg.n_embd}, dim_att {cfg.dim_att}, "
-            f"dim_ffn {cfg.dim_ffn}, vocab {cfg.vocab_size}, {n:,} parameters")
+def _describe(cfg, sd) -> str:
+    return describe_checkpoint(cfg, sd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,11 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also compare RSS while decoding after N tokens of context with after 1000")
     b.add_argument("--compile", action="store_true",
                    help="also measure decode batch 1 through torch.compile (~30 s to compile per kind)")
+    b.add_argument("--plan", action="store_true", help="print the kernel plan for each kind, then measure")
     b.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     b.set_defaults(func=cmd_bench)
 
-    i = sub.add_parser("info", help="print a checkpoint's format, shapes and size")
+    i = sub.add_parser("info", help="print a checkpoint's format, shapes and size (and the kernel plan)")
     i.add_argument("model")
+    i.add_argument("--plan", action="store_true", help="also print this machine's kernel plan and its timings")
+    i.add_argument("--dtype", default="fp32", help="for --plan: how matrices are stored (fp32, bf16, fp16)")
+    i.add_argument("--int8", action="store_true", help="for --plan: int8 projections")
     i.set_defaults(func=cmd_info)
 
     def model_args(q):

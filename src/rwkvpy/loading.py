@@ -7,11 +7,15 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import read_checkpoint, save_native
+from .checkpoint import describe_checkpoint, probe_tokens, read_checkpoint, save_native
 from .errors import RwkvpyError
-from .models.rwkv4 import RWKV4, build_model
+from .io import atomic_write
+from .models.rwkv4 import PROJECTIONS, RWKV4, build_model
 from .ops.linear import plan_projections
 from .ops.plan import kernels_mode
+from .ops.quant import check_loss_increase, is_quantized, logit_agreement, quantize_state_dict
+from .tokenizers import find_tokenizer_file, tokenizer_for_model
+from .train.evaluate import evaluate_file
 
 DEFAULT_MODEL = Path(__file__).parent / "data" / "default"
 
@@ -43,7 +47,8 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu",
-         dtype: torch.dtype | str = torch.float32, quantize: str | None = None) -> RWKV4:
+         dtype: torch.dtype | str = torch.float32, quantize: str | None = None,
+         plan_report: list[str] | None = None) -> RWKV4:
     """Load an RWKV-4 model from an official ``.pth``, a Hugging Face folder or rwkvpy's format.
 
     The format is detected from the path; shapes come from the tensors, which are memory
@@ -58,12 +63,13 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu",
 
     Projections get the kernels planned for this machine (:mod:`rwkvpy.ops.plan`: timed once,
     checked against float64, cached); ``RWKVPY_KERNELS=safe`` keeps plain ``F.linear``.
+    ``plan_report`` (a list) receives the plan and the timings behind it, as text lines.
     """
     cfg, sd, _ = read_checkpoint(path)
     model = build_model(cfg, sd, dtype=parse_dtype(dtype), device=device, quantize=quantize)
     model.requires_grad_(False)
     if kernels_mode() == "planned":
-        plan_projections(model)
+        plan_projections(model, report=plan_report)
     return model
 
 
@@ -71,3 +77,48 @@ def save(model, path: str | os.PathLike) -> None:
     """Write a model in rwkvpy's own format (a folder: safetensors with the official key names,
     and config.json), atomically; ``rwkvpy.load`` reads it back."""
     save_native(model.config, model.state_dict(), path)
+
+
+def _mib(sd) -> float:
+    return sum(t.numel() * t.element_size() for t in sd.values()) / 2**20
+
+
+@torch.no_grad()
+def quantize_checkpoint(src, dst, data=None, tokenizer: str | None = None, ctx_len: int = 128,
+                        max_loss_increase: float | None = 1.0, log=print) -> dict:
+    """Write an int8 copy of ``src`` (rwkvpy's format) at ``dst``, with its quality report:
+    logits on a probe sequence (largest difference, KL, top-1 agreement) and, with ``data``,
+    the validation loss before and after, refused (nothing written) when it rises more than
+    ``max_loss_increase`` percent (None: never refused). The folder's tokenizer is copied; the
+    written tensors are read back and compared."""
+    src, dst = Path(src), Path(dst)
+    cfg, sd, fmt = read_checkpoint(src)
+    if is_quantized(sd):
+        raise RwkvpyError(f"{src}: already quantized to int8")
+    qsd = quantize_state_dict(sd, PROJECTIONS)
+    log(f"read {src} ({fmt}): {describe_checkpoint(cfg, sd)}")
+    log(f"int8 projections with one scale per output row: {_mib(sd):,.1f} MiB -> {_mib(qsd):,.1f} MiB")
+    ref, quant = build_model(cfg, sd), build_model(cfg, qsd)
+    tokens = probe_tokens(cfg.vocab_size, 64)
+    report = logit_agreement(ref(tokens)[0][0], quant(tokens)[0][0])
+    log(f"probe ({tokens.shape[1]} tokens): max |logit difference| {report['max_abs_diff']:.3g}, "
+        f"mean KL(fp32 || int8) {report['kl']:.3g} nats, top-1 agreement {report['top1']:.1%}")
+    if data:
+        tok = None
+        if cfg.vocab_size != 256 or tokenizer:
+            tok = tokenizer_for_model(cfg.vocab_size, tokenizer, src)
+        losses = [evaluate_file(m, data, tok, ctx_len=ctx_len)["loss"] for m in (ref, quant)]
+        change = (losses[1] - losses[0]) / losses[0]
+        report.update(loss_fp32=losses[0], loss_int8=losses[1], loss_change=change)
+        log(f"validation loss on {data}: fp32 {losses[0]:.4f}, int8 {losses[1]:.4f} nats/token ({change:+.2%})")
+        if max_loss_increase is not None:
+            check_loss_increase(losses[0], losses[1], max_loss_increase)
+    save_native(cfg, qsd, dst)
+    tok_file = find_tokenizer_file(src) if src.is_dir() else None
+    if tok_file is not None:
+        atomic_write(dst / tok_file.name, lambda tmp: Path(tmp).write_bytes(tok_file.read_bytes()))
+    _, back, _ = read_checkpoint(dst)
+    if not all(torch.equal(back[k], qsd[k]) for k in qsd):
+        raise RwkvpyError(f"{dst}: tensors read back differ from those written")
+    log(f"wrote {dst} (rwkvpy format, int8){'; copied ' + tok_file.name if tok_file else ''}")
+    return report

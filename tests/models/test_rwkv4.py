@@ -249,3 +249,16 @@ def test_states_of_a_model_trained_in_process_load_into_the_saved_model(tmp_path
     assert load_state(tmp_path / "s.st", rwkvpy.load(tmp_path / "m")).pos.tolist() == [T]
     with pytest.raises(RwkvpyError, match="different model"):
         load_state(tmp_path / "s.st", make_model(SHAPE_ATT))
+
+
+@pytest.mark.parametrize("name", ["small", "odd", "ffn35", "att"])
+def test_modules_have_the_shapes_written_once_in_parameter_shapes(name):
+    from conftest import SHAPES
+
+    from rwkvpy.models import RWKV4, parameter_shapes
+
+    cfg = SHAPE_ATT if name == "att" else SHAPES[name]
+    with torch.device("meta"):
+        model = RWKV4(cfg)
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert list(got.items()) == list(parameter_shapes(cfg).items())

@@ -78,6 +78,12 @@ def write_checkpoint(cfg: RWKV4Config, sd: dict[str, Tensor], path, fmt: str) ->
         raise CheckpointError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
 
+def describe_checkpoint(cfg: RWKV4Config, sd) -> str:
+    n = sum(t.numel() for t in sd.values())
+    return (f"RWKV-4, {cfg.n_layer} layers, n_embd {cfg.n_embd}, dim_att {cfg.dim_att}, "
+            f"dim_ffn {cfg.dim_ffn}, vocab {cfg.vocab_size}, {n:,} parameters")
+
+
 def probe_tokens(vocab_size: int, length: int = 32) -> Tensor:
     """A fixed token sequence for comparing two models' logits."""
     g = torch.Generator().manual_seed(1234)
@@ -103,5 +109,5 @@ def convert_checkpoint(src, dst, fmt: str) -> dict:
             "max_logit_diff": diff, "probe_tokens": tokens.shape[1]}
 
 
-__all__ = ["FORMATS", "convert_checkpoint", "probe_tokens", "detect_format", "read_checkpoint", "write_checkpoint", "read_pth", "write_pth",
+__all__ = ["FORMATS", "convert_checkpoint", "describe_checkpoint", "probe_tokens", "detect_format", "read_checkpoint", "write_checkpoint", "read_pth", "write_pth",
            "read_hf", "write_hf", "read_native", "save_native"]

@@ -10,6 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import RwkvpyError
+from .base import ModelBase
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -54,7 +57,10 @@ class GPTBlock(nn.Module):
         return x + self.proj(F.gelu(self.fc(self.ln2(x))))
 
 
-class GPT(nn.Module):
+class GPT(ModelBase):
+    """The baseline. It answers the model interface's ``forward`` (whole windows); decoding with
+    a KV cache as its recurrent state is not built yet, so ``zero_state`` and ``step`` refuse."""
+
     def __init__(self, cfg: GPTConfig, seed: int = 0):
         super().__init__()
         self.config = cfg
@@ -70,10 +76,24 @@ class GPT(nn.Module):
                     std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith("proj.weight") else 0.02
                     p.copy_(torch.randn(p.shape, generator=g) * std)
 
-    def forward(self, tokens: Tensor, state=None, *, return_state: bool = True) -> tuple[Tensor, None]:
+    def forward(self, tokens: Tensor, state=None, *, last_only: bool = False,
+                return_state: bool = True) -> tuple[Tensor, None]:
         """tokens (B, T) -> logits (B, T, V). No recurrent state: each call sees only its window."""
+        if state is not None:
+            self.zero_state()
+        tokens = self.check_tokens(tokens)
         T = tokens.shape[1]
+        if T > self.config.block_size:
+            raise RwkvpyError(f"{T} tokens exceed the GPT's {self.config.block_size} learned positions")
         x = self.wte(tokens) + self.wpe(torch.arange(T, device=tokens.device))
         for block in self.blocks:
             x = block(x)
+        if last_only:
+            x = x[:, -1:]
         return self.head(self.ln_f(x)), None
+
+    def zero_state(self, batch_size: int = 1):
+        raise RwkvpyError("the GPT baseline has no recurrent state yet: KV-cache decoding is not built")
+
+    def step(self, tokens: Tensor, state=None):
+        self.zero_state()

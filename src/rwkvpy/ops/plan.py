@@ -202,11 +202,12 @@ def fp16_faithful(weight: Tensor) -> bool:
     by at most 2^-25, which only rows of tiny values would notice."""
     if weight.dtype != torch.bfloat16 or weight.dim() != 2:
         return False
-    w = weight.float()
-    if w.abs().max() >= 65504:
-        return False
-    err = (weight.to(torch.float16).float() - w).abs()
-    return bool((err <= 2**-9 * w.abs().amax(1, keepdim=True)).all())
+    for rows in weight.split(4096):  # in blocks: a vocabulary-sized head would double memory
+        w = rows.float()
+        row_max = w.abs().amax(1, keepdim=True)
+        if row_max.max() >= 65504 or not ((rows.to(torch.float16).float() - w).abs() <= 2**-9 * row_max).all():
+            return False
+    return True
 
 
 # --- checking and timing -------------------------------------------------------------------------
@@ -269,21 +270,6 @@ PROBE_ROWS = (1, 2, 3, 8, 16, 17, 48, 64, 65, 128)
 PROBE_REPEATS = 12  # one wrong answer in two is typical of a bad shape: 12 right ones rule it out
 
 
-def _probe_int8_shapes(shapes: list[tuple[int, int]]) -> None:
-    """Run in a subprocess: for each (out, in), ``ok`` or ``wrong`` on stdout; a crash says the rest."""
-    g = torch.Generator().manual_seed(0)
-    for out, n_in in shapes:
-        ok = True
-        q = torch.randint(-127, 128, (out, n_in), dtype=torch.int8, generator=g)
-        scale = (torch.rand(out, generator=g) + 0.5) / 127
-        for rows in PROBE_ROWS:
-            for _ in range(PROBE_REPEATS if rows == 1 else 3):
-                x = torch.randn(rows, n_in, generator=g)
-                good, _ = verified(int8_packed, x, q, scale.to(torch.bfloat16).float(), False, _UNIT["bfloat16"])
-                ok = ok and good
-        print(f"{'ok' if ok else 'wrong'} {out}x{n_in}", flush=True)
-
-
 def probe_int8(shapes: list[tuple[int, int]], timeout_s: float = 120) -> dict[tuple[int, int], bool]:
     """Whether torch's int8 weight kernel is right for each (out, in), asked of subprocesses
     (never this process: on some CPUs it crashes). A shape whose probe crashed is wrong."""
@@ -295,7 +281,7 @@ def probe_int8(shapes: list[tuple[int, int]], timeout_s: float = 120) -> dict[tu
         arg = ",".join(f"{o}x{i}" for o, i in pending)
         env = {**os.environ, "RWKVPY_KERNELS": "safe", "RWKVPY_PROBE_THREADS": str(torch.get_num_threads())}
         try:
-            run = subprocess.run([sys.executable, "-m", "rwkvpy.ops.plan", "probe-int8", arg], env=env,
+            run = subprocess.run([sys.executable, "-m", "rwkvpy.ops.int8_probe", arg], env=env,
                                  capture_output=True, text=True, timeout=timeout_s)
             lines = run.stdout.split()
         except subprocess.TimeoutExpired as e:
@@ -329,7 +315,9 @@ def machine_key() -> dict:
         pass
     return {"cpu": cpu, "flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16],
             "capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "plan_version": PLAN_VERSION}
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            # plans made with other rows classes or candidates are not this planner's
+            "plan": f"{PLAN_VERSION} {ROW_CLASSES} {sorted(KERNELS)}"}
 
 
 def cpu_flags() -> str:
@@ -524,8 +512,3 @@ def describe(entry: dict, choice: Choice) -> list[str]:
     for name, why in sorted(entry["rejected"].items()):
         lines.append(f"    {name:36s} rejected: {why}")
     return lines
-
-
-if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "probe-int8":
-    torch.set_num_threads(int(os.environ.get("RWKVPY_PROBE_THREADS", torch.get_num_threads())))
-    _probe_int8_shapes([tuple(int(v) for v in s.split("x")) for s in sys.argv[2].split(",")])
