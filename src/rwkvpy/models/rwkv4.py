@@ -31,7 +31,7 @@ from ..ops.wkv import EMPTY_LOG, WkvState, own_terms_may_underflow, wkv_chunked,
 from .base import ModelBase
 from .state import RecurrentState
 
-# Form choice: the measurements behind these numbers are in docs/benchmarks.md ("forms").
+# Chunk lengths as measured (docs/benchmarks.md, the 2026-11-22 and 2026-11-24 entries in History).
 TRAIN_CHUNK_LEN = 16  # the matrix-product form with its written-out backward, for training
 PREFILL_CHUNK_LEN_CPU = 32  # the same form without a graph, for inference on a CPU
 CHUNK_LEN_CPU = 4  # the chunked form (compiled code; keys too spread for the matrix-product form)

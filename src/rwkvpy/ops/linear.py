@@ -85,7 +85,7 @@ class Linear(nn.Linear):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         """The weight as the checkpoint had it, whatever storage the plan gave it (a transposed
-        layout, or fp16 for an exactly convertible bf16 matrix)."""
+        layout, or fp16 for a bf16 matrix that converts faithfully)."""
         w = self.weight if keep_vars else self.weight.detach()
         if self.checkpoint_dtype is not None and w.dtype != self.checkpoint_dtype:
             w = w.to(self.checkpoint_dtype)
@@ -162,9 +162,3 @@ def plan_projections(model: nn.Module, planner_: planner.Planner | None = None,
                 m.weight = nn.Parameter(w, requires_grad=m.weight.requires_grad)
         m.kernels = tuple(planner.KERNELS[k] for k in choice.kernels)
 
-
-def unplan_projections(model: nn.Module) -> None:
-    """Back to plain ``F.linear`` (storages stay as planned)."""
-    for m in model.modules():
-        if isinstance(m, (Linear, Int8Linear)):
-            m.kernels = None

@@ -13,9 +13,10 @@ import csv
 import json
 import math
 import os
+import statistics
+import sys
 import time
 from contextlib import nullcontext
-import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -24,10 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from ..checkpoint import save_native
 from ..errors import RwkvpyError
 from ..io import atomic_write, atomic_write_text
 from ..models import GPT, GPTConfig, RWKV4Config, build_model, official_init
-from ..checkpoint import save_native
 from ..tokenizers import load_tokenizer
 from .data import TokenData, WindowSampler, eval_starts, load_data, windows
 from .evaluate import summed_loss
@@ -202,37 +203,41 @@ class Trainer:
                               enabled=(precision or self.cfg.precision) == "bf16")
 
     def _probe_precision(self, repeats: int = 3) -> str:
-        """``bf16`` where a forward and backward of one micro-batch of this model runs at least
-        BF16_MIN_SPEEDUP x faster under bf16 autocast than in fp32 on this machine, else ``fp32``
-        (CPUs without native bf16 run it ~27x slower; with AVX512-BF16 ~2x faster). Gradients are
-        discarded and the sampler is not touched, so training is as if no probe ran. With several
-        processes rank 0 decides for all."""
+        """``bf16`` where a forward and backward of this model on a window or two runs at least
+        BF16_MIN_SPEEDUP x faster under bf16 autocast than in fp32 on this machine, else ``fp32``.
+        CPUs without bf16 arithmetic run it many times slower (docs/benchmarks.md), so a first
+        bf16 step slower than twice the fp32 one ends the probe. Gradients are discarded and
+        the sampler is not touched, so training is as if no probe ran. With several processes
+        rank 0 decides for all."""
         cfg = self.cfg
-        rows = max(1, cfg.batch_size // self.world)
+        rows = min(2, max(1, cfg.batch_size // self.world))
         g = torch.Generator().manual_seed(0)
         x, y = windows(self.data.train, torch.randint(0, len(self.data.train) - cfg.ctx_len - 1, (rows,),
                                                      generator=g).tolist(), cfg.ctx_len)
         x, y = x.to(cfg.device), y.to(cfg.device)
 
         def seconds(precision: str) -> float:
-            times = []
-            for _ in range(repeats + 1):
-                t0 = time.perf_counter()
-                with self._autocast(precision):
-                    lm_loss(self.model, x, y, cfg.arch).backward()
-                times.append(time.perf_counter() - t0)
-            return sorted(times[1:])[len(times[1:]) // 2]
+            t0 = time.perf_counter()
+            with self._autocast(precision):
+                lm_loss(self.model, x, y, cfg.arch).backward()
+            return time.perf_counter() - t0
 
-        fp32, bf16 = seconds("fp32"), seconds("bf16")
+        times = {}
+        for precision in ("fp32", "bf16"):
+            first = seconds(precision)  # warm-up
+            if precision == "bf16" and first > 2 * times["fp32"]:
+                times["bf16"] = first
+                break
+            times[precision] = statistics.median(seconds(precision) for _ in range(repeats))
         self.optimizer.zero_grad(set_to_none=True)
-        choice = torch.tensor([1.0 if choose_precision(fp32, bf16) == "bf16" else 0.0])
+        choice = torch.tensor([1.0 if choose_precision(times["fp32"], times["bf16"]) == "bf16" else 0.0])
         if self.world > 1:
             torch.distributed.broadcast(choice, src=0)
         precision = "bf16" if choice.item() else "fp32"
-        self.precision_probe = {"fp32_s": fp32, "bf16_s": bf16, "chosen": precision}
+        self.precision_probe = {"fp32_s": times["fp32"], "bf16_s": times["bf16"], "chosen": precision}
         if self.rank == 0:
-            print(f"precision auto: a step took {fp32 * 1e3:.0f} ms in fp32, {bf16 * 1e3:.0f} ms under bf16 "
-                  f"autocast: training in {precision}", file=sys.stderr)
+            print(f"precision auto: a step took {times['fp32'] * 1e3:.0f} ms in fp32, {times['bf16'] * 1e3:.0f} ms "
+                  f"under bf16 autocast: training in {precision}", file=sys.stderr)
         return precision
 
     def train_step(self) -> float:
