@@ -43,15 +43,28 @@ def test_choice_follows_the_timings():
     """The planner's logic with injected timings, as on a CPU with fast bf16 (where the storage
     that decodes fastest wins, then per rows class the fastest kernel on that storage)."""
     entry = {"timings": {
-        "bfloat16/out_in/linear": [5.0, 9.0, 30.0, 90.0],
-        "bfloat16/out_in/upcast": [20.0, 21.0, 25.0, 40.0],
-        "bfloat16/in_out/linear": [4.0, 12.0, 35.0, 95.0],
-        "float16/out_in/linear": [3.0, 8.0, 50.0, 200.0],
-        "float16/out_in/upcast": [20.0, 21.0, 26.0, 41.0],
+        "bfloat16/out_in/linear": [5.0, 9.0, 30.0, 90.0, 300.0],
+        "bfloat16/out_in/upcast": [20.0, 21.0, 25.0, 40.0, 100.0],
+        "bfloat16/in_out/linear": [4.0, 12.0, 35.0, 95.0, 310.0],
+        "float16/out_in/linear": [3.0, 8.0, 50.0, None, None],  # pruned: 3x behind at 48 rows
+        "float16/out_in/upcast": [20.0, 21.0, 26.0, 41.0, 120.0],
     }, "rejected": {}}
-    assert plan.choose(entry) == plan.Choice("float16", "out_in", ("linear", "linear", "upcast", "upcast"))
-    # a matrix that does not convert to fp16 exactly keeps bf16
-    assert plan.choose(entry, {"bfloat16"}) == plan.Choice("bfloat16", "in_out", ("linear",) * 4)
+    assert plan.choose(entry) == plan.Choice("float16", "out_in", ("linear", "linear", "upcast", "upcast", "upcast"))
+    # a matrix that does not convert to fp16 faithfully keeps bf16
+    assert plan.choose(entry, {"bfloat16"}) == plan.Choice("bfloat16", "in_out", ("linear",) * 5)
+
+
+def test_more_rows_are_timed_only_on_the_storage_that_decodes_fastest():
+    entry = plan.plan_need(plan.Need("bf16>fp16", 96, 64), int8_ok=False)
+    first = {name: times[0] for name, times in entry["timings"].items()}
+    assert all(t is not None for t in first.values()) and len(first) == len(plan.candidates("bf16>fp16"))
+    best = plan.Candidate.parse(min(first, key=first.get))
+    for name, times in entry["timings"].items():
+        c = plan.Candidate.parse(name)
+        on_best = (c.dtype, c.layout) == (best.dtype, best.layout)
+        assert all((t is not None) == on_best for t in times[1:]), name
+    choice = plan.choose(entry)
+    assert (choice.dtype, choice.layout) == (best.dtype, best.layout)
 
 
 def test_plan_cache_round_trip_refresh_and_corruption(tmp_path, monkeypatch, capsys):

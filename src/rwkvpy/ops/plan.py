@@ -43,7 +43,7 @@ from torch import Tensor
 from .quant import quantize_int8
 
 # (first row, last row, the rows timed for the class)
-ROW_CLASSES = ((1, 1, 1), (2, 16, 8), (17, 64, 48), (65, None, 256))
+ROW_CLASSES = ((1, 1, 1), (2, 16, 8), (17, 64, 48), (65, 512, 256), (513, None, 1024))
 PLAN_VERSION = 1
 _HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, **_HALF, "int8": torch.int8}
@@ -51,7 +51,7 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64, **_HALF, "int8": 
 
 def rows_class(rows: int) -> int:
     """Index into :data:`ROW_CLASSES` of a call with ``rows`` rows."""
-    return 0 if rows <= 1 else 1 if rows <= 16 else 2 if rows <= 64 else 3
+    return 0 if rows <= 1 else 1 if rows <= 16 else 2 if rows <= 64 else 3 if rows <= 512 else 4
 
 
 def kernels_mode() -> str:
@@ -219,20 +219,35 @@ def sample_input(rows: int, n_in: int, unbounded: bool, g: torch.Generator, dtyp
     return x
 
 
+def reference(x: Tensor, w: Tensor, scale: Tensor | None, g: torch.Generator,
+              outputs: int = 512) -> tuple[Tensor, Tensor, Tensor]:
+    """(output indices, x W^T and |x| |W|^T at them, in float64) for :func:`verified`: all outputs
+    of small weights, else a sample (the first and last 16, the rest at random), since a float64
+    product of a vocabulary-sized head would cost more than every candidate's timing."""
+    out = w.shape[0]
+    if out <= outputs:
+        idx = torch.arange(out)
+    else:
+        middle = torch.randperm(out - 32, generator=g)[: outputs - 32] + 16
+        idx = torch.cat([torch.arange(16), middle.sort().values, torch.arange(out - 16, out)])
+    w64 = w[idx].double() if scale is None else w[idx].double() * scale[idx].double()[:, None]
+    x64 = x.double()
+    return idx, x64 @ w64.t(), x64.abs() @ w64.abs().t()
+
+
 def verified(kernel: Callable, x: Tensor, w: Tensor, scale: Tensor | None, unbounded: bool,
-             unit: float) -> tuple[bool, float]:
+             unit: float, ref: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[bool, float]:
     """(whether y = kernel(x, w) is within ``unit`` rounding of the float64 product, the error).
 
     The bound is elementwise, ``|y - x W^T| <= unit |x| |W|^T``: it survives cancellation, and
-    garbage, NaN or a wrong layout exceed it by orders of magnitude."""
-    w64 = w.double() if scale is None else w.double() * scale.double()[:, None]
-    expected = x.double() @ w64.t()
-    bound = unit * (x.double().abs() @ w64.abs().t()) + 1e-30
+    garbage, NaN or a wrong layout exceed it by orders of magnitude. Every output must be
+    finite; values are compared at ``ref``'s outputs (:func:`reference`)."""
+    idx, expected, absprod = ref if ref is not None else reference(x, w, scale, torch.Generator())
     with torch.no_grad():
         y = kernel(x, w, scale, unbounded)
-    if y.shape != expected.shape or not torch.isfinite(y).all():
+    if y.shape != (*x.shape[:-1], w.shape[0]) or not torch.isfinite(y).all():
         return False, float("inf")
-    excess = ((y.double() - expected).abs() / bound).max().item()
+    excess = ((y[..., idx].double() - expected).abs() / (unit * absprod + 1e-30)).max().item()
     return excess <= 1.0, excess
 
 
@@ -250,9 +265,15 @@ def last_level_cache_bytes() -> int:
 
 
 def time_call(fn: Callable[[], object], budget_s: float = 0.004, max_calls: int = 12) -> float:
-    """Median seconds of ``fn()`` after one warm-up: at least 3 calls, then until ``budget_s``."""
+    """Median seconds of ``fn()`` after one warm-up: at least 3 calls, then until ``budget_s``;
+    a call slower than 20 ms is timed once (it cannot win by noise)."""
     with torch.no_grad():
+        t0 = time.perf_counter()
         fn()
+        if time.perf_counter() - t0 > 0.02:
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
         times: list[float] = []
         spent = 0.0
         while len(times) < 3 or (spent < budget_s and len(times) < max_calls):
@@ -266,7 +287,7 @@ def time_call(fn: Callable[[], object], budget_s: float = 0.004, max_calls: int 
 
 # --- the int8 probe (a subprocess: the kernel can crash) -----------------------------------------
 
-PROBE_ROWS = (1, 2, 3, 8, 16, 17, 48, 64, 65, 128)
+PROBE_ROWS = (1, 2, 3, 8, 16, 17, 48, 64, 65, 256, 513)
 PROBE_REPEATS = 12  # one wrong answer in two is typical of a bad shape: 12 right ones rule it out
 
 
@@ -405,56 +426,97 @@ class Choice:
     kernels: tuple[str, ...]
 
 
+CALL_FLOPS = 2e9  # rows timed per class are cut (down to the class's first) to about this much work
+MAX_CALL_FLOPS = 8e9  # beyond this even at the class's first row, times are extrapolated from the class before
+
+
 def plan_need(need: Need, int8_ok: bool, extra: dict[str, Callable] | None = None,
               seed: int = 0) -> dict:
-    """Time and check every candidate of ``need`` for every rows class; the cache entry.
+    """Check and time every candidate of ``need`` for every rows class; the cache entry.
 
-    ``extra`` adds kernels by name (tests inject a fast, wrong one)."""
+    One row is timed for every candidate; it decides the storage (decoding reads every weight
+    once per token), so more rows are timed only for the kernels on that storage (others get
+    None: they cannot be chosen). Large weights are timed on fewer rows within
+    a class (CALL_FLOPS); where even the class's first row count is beyond MAX_CALL_FLOPS (a
+    vocabulary-sized head at 513 rows) the time is the previous class's scaled by the rows, and
+    the check runs on the first 4096 output rows. ``extra`` adds kernels by name (tests inject
+    a fast, wrong one)."""
     g = torch.Generator().manual_seed(seed)
     kernels = {**KERNELS, **(extra or {})}
     w32 = torch.randn(need.out, need.n_in, generator=g) / need.n_in**0.5
+    values = w32.to(torch.bfloat16) if need.kind.startswith("bf16") else w32
+    q, q_scale = quantize_int8(w32)
+    q_scale = q_scale.to(torch.bfloat16).float()  # the packed kernel's scales are bf16
+    act = torch.float64 if need.kind == "fp64" else torch.float32
     cands = candidates(need.kind) + [Candidate(d, lay, name) for name in (extra or {})
                                      for d, lay in storages(need.kind)]
     timings: dict[str, list[float | None]] = {}
     rejected: dict[str, str] = {}
+    live = []
     for c in cands:
         if c.kernel == "int8_packed" and not int8_ok:
             rejected[c.name] = "failed the subprocess probe on this machine"
-            continue
-        if c.dtype == "int8":
-            w, scale = quantize_int8(w32)
-            scale = scale.to(torch.bfloat16).float()  # the packed kernel's scales are bf16
-            w = store(w, c.dtype, c.layout)
         else:
-            w, scale = store(w32.to(torch.bfloat16) if need.kind.startswith("bf16") else w32, c.dtype,
-                             c.layout), None
-        # Decoding a model larger than the cache reads every weight from memory: time it so, on
-        # copies that together exceed the cache, taken in turn (one copy stays cache-hot).
-        copies = [w]
-        if need.cold:
-            copies += [w.clone() for _ in range(-(-2 * last_level_cache_bytes() // (w.numel() * w.element_size())) - 1)]
-        turn = itertools.cycle(copies)
-        act = torch.float64 if need.kind == "fp64" else torch.float32
-        unit = _UNIT[{"linear": c.dtype, "split": c.dtype, "upcast": "float32", "linear_bf16": "bfloat16",
-                      "int8_packed": "bfloat16"}.get(c.kernel, "float32")]
+            live.append(c)
+
+    def storage_of(c: Candidate) -> tuple[Tensor, Tensor | None]:
+        if c.dtype == "int8":
+            return store(q, c.dtype, c.layout), q_scale
+        return store(values, c.dtype, c.layout), None
+
+    def unit_of(c: Candidate) -> float:
         if act == torch.float64 and c.kernel in ("linear", "split", "upcast"):
-            unit = _UNIT["float64"]
-        fn = kernels[c.kernel]
-        row_times: list[float | None] = []
-        for _, _, rows in ROW_CLASSES:
-            x = sample_input(rows, need.n_in, need.unbounded, g, act)
+            return _UNIT["float64"]
+        return _UNIT[{"linear": c.dtype, "split": c.dtype, "upcast": "float32", "linear_bf16": "bfloat16",
+                      "int8_packed": "bfloat16"}.get(c.kernel, "float32")]
+
+    row_flops = 2 * need.out * need.n_in
+    timed_rows: list[int] = []
+    for i, (lo, _, rep) in enumerate(ROW_CLASSES):
+        rows = min(rep, max(lo, int(CALL_FLOPS // row_flops)))
+        extrapolated = i > 0 and lo * row_flops > MAX_CALL_FLOPS
+        rows = lo if extrapolated else rows
+        timed_rows.append(rows)
+        x = sample_input(rows, need.n_in, need.unbounded, g, act)
+        refs: dict[str, tuple] = {}
+        if i == 1:  # the storage is decided: the fastest for one row
+            first = {c: timings[c.name][0] for c in live}
+            best = min(first, key=first.get)
+            storage = (best.dtype, best.layout)
+        for c in list(live):
+            if i and (c.dtype, c.layout) != storage:
+                timings[c.name].append(None)
+                continue
+            w, scale = storage_of(c)
+            if extrapolated:
+                w, scale = w[:4096], None if scale is None else scale[:4096]
+            if c.dtype not in refs:  # the same values in every layout
+                refs[c.dtype] = reference(x, w, scale, g)
             try:
-                ok, excess = verified(fn, x, w, scale, need.unbounded, unit)
+                ok, excess = verified(kernels[c.kernel], x, w, scale, need.unbounded, unit_of(c), refs[c.dtype])
             except RuntimeError as e:  # a kernel that refuses this shape or layout
                 ok, excess = False, str(e).splitlines()[0][:80]
             if not ok:
                 rejected[c.name] = f"wrong at {rows} rows (error {excess} x the rounding bound)"
-                row_times = []
-                break
-            row_times.append(time_call(lambda: fn(x, next(turn), scale, need.unbounded)))
-        if row_times:
-            timings[c.name] = row_times
+                live.remove(c)
+                timings.pop(c.name, None)
+                continue
+            if extrapolated:
+                timings[c.name].append(_time_at(timings[c.name], i - 1) * rows / timed_rows[i - 1])
+                continue
+            # Decoding a model larger than the cache reads every weight from memory: time few
+            # rows so, on copies that together exceed the cache, taken in turn.
+            copies = [w]
+            if need.cold and rows <= 16:
+                copies += [w.clone() for _ in range(-(-2 * last_level_cache_bytes() // (w.numel() * w.element_size())) - 1)]
+            turn = itertools.cycle(copies)
+            fn = kernels[c.kernel]
+            timings.setdefault(c.name, []).append(time_call(lambda: fn(x, next(turn), scale, need.unbounded)))
     return {"timings": timings, "rejected": rejected}
+
+
+def _time_at(times: list[float | None], i: int) -> float:
+    return float("inf") if times[i] is None else times[i]
 
 
 def choose(entry: dict, allowed_dtypes: set[str] | None = None) -> Choice:
@@ -466,7 +528,14 @@ def choose(entry: dict, allowed_dtypes: set[str] | None = None) -> Choice:
         raise RuntimeError("no correct kernel for this projection")
     best = min(timings, key=lambda c: timings[c][0])
     on_storage = {c: t for c, t in timings.items() if (c.dtype, c.layout) == (best.dtype, best.layout)}
-    kernels = tuple(min(on_storage, key=lambda c: on_storage[c][i]).kernel for i in range(len(ROW_CLASSES)))
+    kernels = []
+    for i in range(len(ROW_CLASSES)):
+        fastest = min(on_storage, key=lambda c: _time_at(on_storage[c], i))
+        # nothing timed here (a restricted choice): the plain product, which is always right
+        safe = "int8_dequantized" if best.dtype == "int8" else "linear" if best.dtype in ("float32", "float64") \
+            else "upcast"
+        kernels.append(fastest.kernel if on_storage[fastest][i] is not None else safe)
+    kernels = tuple(kernels)
     return Choice(best.dtype, best.layout, kernels)
 
 
@@ -503,12 +572,13 @@ class Planner:
 def describe(entry: dict, choice: Choice) -> list[str]:
     """Lines for ``rwkvpy info --plan``: every candidate's time per rows class, and rejections."""
     head = "  ".join(f"{lo}-{hi or '...'}" if hi != lo else f"{lo}" for lo, hi, _ in ROW_CLASSES)
-    lines = [f"    {'candidate':36s} us per call, rows {head}"]
+    lines = [f"    {'candidate':36s} us per call, rows {head} ('-': not timed, another storage decodes faster)"]
     for name, times in sorted(entry["timings"].items(), key=lambda kv: kv[1][0]):
         c = Candidate.parse(name)
         mark = ["*" if (c.dtype, c.layout) == (choice.dtype, choice.layout) and c.kernel == k else " "
                 for k in choice.kernels]
-        lines.append(f"    {name:36s} " + "  ".join(f"{t * 1e6:9.1f}{m}" for t, m in zip(times, mark)))
+        lines.append(f"    {name:36s} " + "  ".join(f"{t * 1e6:9.1f}{m}" if t is not None else f"{'-':>9s}{m}"
+                                                   for t, m in zip(times, mark)))
     for name, why in sorted(entry["rejected"].items()):
         lines.append(f"    {name:36s} rejected: {why}")
     return lines
