@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import rel_err
 
+from rwkvpy.errors import RwkvpyError
 from rwkvpy.models import RWKV4Config, build_model, random_state_dict
 from rwkvpy.ops import plan
 from rwkvpy.ops.linear import Int8Linear, Linear, plan_projections
@@ -113,7 +114,7 @@ def test_safe_mode_loads_plain_kernels(tmp_path, monkeypatch):
     monkeypatch.setenv("RWKVPY_KERNELS", "planned")
     assert rwkvpy.load(tmp_path / "m").head.kernels is not None
     monkeypatch.setenv("RWKVPY_KERNELS", "fastest")
-    with pytest.raises(ValueError, match="RWKVPY_KERNELS"):
+    with pytest.raises(RwkvpyError, match="RWKVPY_KERNELS"):
         rwkvpy.load(tmp_path / "m")
 
 

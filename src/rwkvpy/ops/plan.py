@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import RwkvpyError
 from .quant import quantize_int8
 
 # (first row, last row, the rows timed for the class)
@@ -58,7 +59,7 @@ def kernels_mode() -> str:
     """``planned`` (default) or ``safe`` (``RWKVPY_KERNELS=safe``: plain ``F.linear`` everywhere)."""
     mode = os.environ.get("RWKVPY_KERNELS", "planned").strip().lower() or "planned"
     if mode not in ("planned", "safe"):
-        raise ValueError(f"RWKVPY_KERNELS={mode!r}: expected 'planned' or 'safe'")
+        raise RwkvpyError(f"RWKVPY_KERNELS={mode!r}: expected 'planned' or 'safe'")
     return mode
 
 
