@@ -40,3 +40,14 @@ def cfg(request) -> RWKV4Config:
 
 def make_model(cfg: RWKV4Config, seed: int = 0, dtype=torch.float32):
     return build_model(cfg, random_state_dict(cfg, seed=seed), dtype=dtype)
+
+
+def logits_both_forms(model, tokens):
+    """(logits of the whole sequence in one call, the same token by token), both (B, T, V)."""
+    with torch.no_grad():
+        whole, _ = model(tokens)
+        rows, state = [], None
+        for t in range(tokens.shape[1]):
+            row, state = model.step(tokens[:, t], state)
+            rows.append(row)
+    return whole, torch.stack(rows, 1)

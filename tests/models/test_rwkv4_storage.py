@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import SHAPES, rel_err
+from conftest import SHAPES, logits_both_forms, rel_err
 
 import rwkvpy
 from rwkvpy.checkpoint import read_checkpoint, save_native, write_checkpoint
@@ -20,16 +20,6 @@ from rwkvpy.ops.linear import plan_projections
 from rwkvpy.ops.quant import quantize_state_dict
 
 CFG = SHAPES["odd"]
-
-
-def logits_both_forms(model, tokens):
-    with torch.no_grad():
-        whole, _ = model(tokens)
-        rows, state = [], None
-        for t in range(tokens.shape[1]):
-            row, state = model.step(tokens[:, t], state)
-            rows.append(row)
-    return whole, torch.stack(rows, 1)
 
 
 @pytest.mark.parametrize("shape", ["odd", "ffn35"])  # widths 37/101 and 48/168 (multiples of 8)

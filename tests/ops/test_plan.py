@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err
+from conftest import logits_both_forms, rel_err
 
 from rwkvpy.errors import RwkvpyError
 from rwkvpy.models import RWKV4Config, build_model, random_state_dict
@@ -116,16 +116,6 @@ def test_safe_mode_loads_plain_kernels(tmp_path, monkeypatch):
     monkeypatch.setenv("RWKVPY_KERNELS", "fastest")
     with pytest.raises(RwkvpyError, match="RWKVPY_KERNELS"):
         rwkvpy.load(tmp_path / "m")
-
-
-def logits_both_forms(model, tokens):
-    with torch.no_grad():
-        whole, _ = model(tokens)
-        rows, state = [], None
-        for t in range(tokens.shape[1]):
-            row, state = model.step(tokens[:, t], state)
-            rows.append(row)
-    return whole, torch.stack(rows, 1)
 
 
 @pytest.mark.parametrize("n_in", [40, 168])
