@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -10,6 +12,7 @@ os.environ.setdefault("RWKV_JIT_ON", "0")
 os.environ.setdefault("RWKV_CUDA_ON", "0")
 # Kernel plans measured by the tests go to a folder of their own, never the user's cache.
 os.environ["RWKVPY_CACHE_DIR"] = tempfile.mkdtemp(prefix="rwkvpy-test-cache-")
+atexit.register(shutil.rmtree, os.environ["RWKVPY_CACHE_DIR"], ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
