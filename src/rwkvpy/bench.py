@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .ops.plan import cpu_flags
+from .ops.plan import cpu_flags, cpu_info
 
 KINDS = {"fp32": {}, "bf16": {"dtype": "bf16"}, "fp16": {"dtype": "fp16"}, "int8": {"quantize": "int8"}}
 OFFICIAL_STRATEGY = {"fp32": "cpu fp32", "bf16": "cpu bf16", "int8": "cpu fp32i8"}
@@ -47,15 +47,7 @@ class Task:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+    return {"cpu": cpu_info()[0], "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "capability": torch.backends.cpu.get_cpu_capability(), "flags": cpu_flags(),
             "torch": torch.__version__, "python": platform.python_version()}
 

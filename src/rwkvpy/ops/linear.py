@@ -14,11 +14,9 @@ int8 ones dequantized): always right, never the fastest.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import plan as planner
@@ -80,8 +78,8 @@ class Linear(nn.Linear):
         if channels_first and x.dim() == 3 and x.dtype == w.dtype:
             return project_channels_first(x, w)
         if self.kernels is None or (w.requires_grad and torch.is_grad_enabled()):
-            return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))
-        return self.kernels[planner.rows_class(x.numel() // x.shape[-1])](x, w, None, self.unbounded_input)
+            return planner.upcast(x, w)
+        return planner.kernel_for(self.kernels, x)(x, w, None, self.unbounded_input)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         """The weight as the checkpoint had it, whatever storage the plan gave it (a transposed
@@ -111,7 +109,7 @@ class Int8Linear(nn.Module):
         if self._scales is None or self._scales[0] is not self.weight_scale:  # new or reloaded scales
             s = self.weight_scale
             self._scales = (s, s.to(torch.bfloat16), s.to(x.dtype))
-        kernel = self.kernels[planner.rows_class(x.numel() // x.shape[-1])]
+        kernel = planner.kernel_for(self.kernels, x)
         return kernel(x, self.weight, self._scales[1 if kernel is planner.int8_packed else 2])
 
     def extra_repr(self) -> str:
@@ -139,10 +137,6 @@ def plan_projections(model: nn.Module, planner_: planner.Planner | None = None,
     cold = sum(m.weight.numel() * m.weight.element_size() for _, m in modules) > planner.last_level_cache_bytes()
     needs = {name: planner.Need(_kind(m), m.out_features, m.in_features, m.unbounded_input, cold)
              for name, m in modules}
-    fresh = [n for n in dict.fromkeys(needs.values()) if n.key not in p.data["entries"]]
-    if fresh:
-        print(f"rwkvpy: timing kernels for {len(fresh)} projection shape(s) on this machine (cached "
-              f"afterwards in {planner.cache_path()})", file=sys.stderr)
     entries = p.entries(list(needs.values()))
     p.save()
     seen = set()

@@ -23,6 +23,7 @@ transposed view so the parameter keeps its shape); a *kernel* is a function
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -137,7 +138,17 @@ def int8_packed(x: Tensor, q: Tensor, scale: Tensor, unbounded: bool = False) ->
 
 KERNELS: dict[str, Callable] = {"linear": linear, "linear_bf16": linear_bf16, "upcast": upcast, "split": split_rows,
                                 "int8_dequantized": int8_dequantized, "int8_packed": int8_packed}
-SAFE_KERNEL = {"int8": "int8_dequantized"}  # every other storage: "linear" / "upcast"
+
+
+def safe_kernel(dtype: str) -> str:
+    """The plain product for a storage dtype: always right, never the fastest."""
+    return "int8_dequantized" if dtype == "int8" else "linear" if dtype in ("float32", "float64") else "upcast"
+
+
+def kernel_for(kernels: tuple[Callable, ...], x: Tensor) -> Callable:
+    """The planned kernel (one per rows class) for activations x (..., in)."""
+    return kernels[rows_class(_rows(x))]
+
 # Relative rounding of each kernel's arithmetic, for the check against float64: fp32 sums of a
 # few thousand terms stay far inside 2^-16; a product with x (and the result, and the int8
 # scales) rounded to bf16 moves each term by up to three roundings of 2^-9; fp16 by 2^-12 each.
@@ -323,19 +334,27 @@ def probe_int8(shapes: list[tuple[int, int]], timeout_s: float = 120) -> dict[tu
 
 # --- the plan cache ------------------------------------------------------------------------------
 
+@functools.cache
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """(model name, feature flags) of the CPU, from /proc/cpuinfo where there is one."""
+    name, flags = platform.processor() or platform.machine(), frozenset()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return name, flags
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and name in (platform.processor(), platform.machine()):
+            name = value.strip()
+        elif key.strip() in ("flags", "Features") and not flags:
+            flags = frozenset(value.split())
+    return name, flags
+
+
 def machine_key() -> dict:
     """What a plan depends on: the CPU (model, flags), cores, threads and torch."""
-    cpu, flags = platform.processor() or platform.machine(), ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key = line.split(":", 1)[0].strip()
-            if key == "model name" and cpu in ("", platform.processor() or platform.machine()):
-                cpu = line.split(":", 1)[1].strip()
-            elif key in ("flags", "Features") and not flags:
-                flags = " ".join(sorted(line.split(":", 1)[1].split()))
-    except OSError:
-        pass
-    return {"cpu": cpu, "flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16],
+    name, flags = cpu_info()
+    return {"cpu": name, "flags_sha256": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:16],
             "capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             # plans made with other rows classes or candidates are not this planner's
@@ -346,15 +365,7 @@ def cpu_flags() -> str:
     """The CPU features that decide kernels (for benchmark tables), as lscpu names them."""
     wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_bf16", "amx_int8",
               "asimd", "sve", "bf16", "i8mm")
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.machine()
-    have = set()
-    for line in text.splitlines():
-        if line.split(":", 1)[0].strip() in ("flags", "Features"):
-            have = set(line.split(":", 1)[1].split())
-            break
+    have = cpu_info()[1]
     return " ".join(f for f in wanted if f in have) or platform.machine()
 
 
@@ -366,9 +377,9 @@ def cache_path() -> Path:
     return Path(root) / "kernels.json"
 
 
-def read_cache(path: Path | None = None) -> dict:
+def read_cache(path: Path | None = None, warn: bool = True) -> dict:
     """The cache's entries for this machine; a file of another machine or torch reads as empty,
-    a corrupt one as empty with one warning line."""
+    a corrupt one as empty with one warning line (``warn``)."""
     path = path or cache_path()
     if not path.is_file():
         return {"entries": {}, "int8_probe": {}}
@@ -377,7 +388,8 @@ def read_cache(path: Path | None = None) -> dict:
         if not isinstance(data.get("entries"), dict) or not isinstance(data.get("int8_probe"), dict):
             raise ValueError("missing entries")
     except (OSError, ValueError, AttributeError):
-        print(f"rwkvpy: warning: kernel plan cache {path} is unreadable; planning again", file=sys.stderr)
+        if warn:
+            print(f"rwkvpy: warning: kernel plan cache {path} is unreadable; planning again", file=sys.stderr)
         return {"entries": {}, "int8_probe": {}}
     if data.get("machine") != machine_key():
         return {"entries": {}, "int8_probe": {}}
@@ -388,10 +400,7 @@ def write_cache(data: dict, path: Path | None = None) -> None:
     from ..io import atomic_write_text
 
     path = path or cache_path()
-    try:
-        on_disk = read_cache(path) if path.is_file() else {"entries": {}, "int8_probe": {}}
-    except Exception:  # noqa: BLE001 - a cache is never worth failing for
-        on_disk = {"entries": {}, "int8_probe": {}}
+    on_disk = read_cache(path, warn=False)  # another process may have planned other shapes meanwhile
     merged = {"machine": machine_key(), "entries": {**on_disk["entries"], **data["entries"]},
               "int8_probe": {**on_disk["int8_probe"], **data["int8_probe"]}}
     try:
@@ -460,6 +469,7 @@ def plan_need(need: Need, int8_ok: bool, extra: dict[str, Callable] | None = Non
         else:
             live.append(c)
 
+    @functools.lru_cache(maxsize=1)  # candidates come grouped by storage: one conversion each
     def storage_of(c: Candidate) -> tuple[Tensor, Tensor | None]:
         if c.dtype == "int8":
             return store(q, c.dtype, c.layout), q_scale
@@ -488,7 +498,7 @@ def plan_need(need: Need, int8_ok: bool, extra: dict[str, Callable] | None = Non
             if i and (c.dtype, c.layout) != storage:
                 timings[c.name].append(None)
                 continue
-            w, scale = storage_of(c)
+            w, scale = storage_of(Candidate(c.dtype, c.layout, ""))
             if extrapolated:
                 w, scale = w[:4096], None if scale is None else scale[:4096]
             if c.dtype not in refs:  # the same values in every layout
@@ -533,9 +543,7 @@ def choose(entry: dict, allowed_dtypes: set[str] | None = None) -> Choice:
     for i in range(len(ROW_CLASSES)):
         fastest = min(on_storage, key=lambda c: _time_at(on_storage[c], i))
         # nothing timed here (a restricted choice): the plain product, which is always right
-        safe = "int8_dequantized" if best.dtype == "int8" else "linear" if best.dtype in ("float32", "float64") \
-            else "upcast"
-        kernels.append(fastest.kernel if on_storage[fastest][i] is not None else safe)
+        kernels.append(fastest.kernel if on_storage[fastest][i] is not None else safe_kernel(best.dtype))
     kernels = tuple(kernels)
     return Choice(best.dtype, best.layout, kernels)
 
@@ -558,6 +566,9 @@ class Planner:
             for (o, i), ok in probe_int8(int8_shapes).items():
                 self.data["int8_probe"][f"{o}x{i}"] = ok
             self.dirty = True
+        if todo:
+            print(f"rwkvpy: timing kernels for {len(todo)} projection shape(s) on this machine (cached "
+                  f"afterwards in {cache_path()})", file=sys.stderr)
         for n in todo:
             int8_ok = bool(self.data["int8_probe"].get(f"{n.out}x{n.n_in}", False))
             self.data["entries"][n.key] = plan_need(n, int8_ok, self.extra)
