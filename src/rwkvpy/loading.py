@@ -10,7 +10,7 @@ import torch
 from .checkpoint import describe_checkpoint, probe_tokens, read_checkpoint, save_native
 from .errors import RwkvpyError
 from .io import atomic_write
-from .models.rwkv4 import PROJECTIONS, RWKV4, build_model
+from .models import ModelBase, build_model, projections
 from .ops.linear import plan_projections
 from .ops.plan import kernels_mode
 from .ops.quant import check_loss_increase, is_quantized, logit_agreement, quantize_state_dict
@@ -48,8 +48,9 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu",
          dtype: torch.dtype | str = torch.float32, quantize: str | None = None,
-         plan_report: list[str] | None = None) -> RWKV4:
-    """Load an RWKV-4 model from an official ``.pth``, a Hugging Face folder or rwkvpy's format.
+         plan_report: list[str] | None = None) -> ModelBase:
+    """Load an RWKV-4 or RWKV-7 model from an official ``.pth``, a Hugging Face folder or rwkvpy's
+    format.
 
     The format is detected from the path; shapes come from the tensors, which are memory
     mapped, so loading in the checkpoint's own dtype copies nothing. ``dtype`` is how the
@@ -95,7 +96,7 @@ def quantize_checkpoint(src, dst, data=None, tokenizer: str | None = None, ctx_l
     cfg, sd, fmt = read_checkpoint(src)
     if is_quantized(sd):
         raise RwkvpyError(f"{src}: already quantized to int8")
-    qsd = quantize_state_dict(sd, PROJECTIONS)
+    qsd = quantize_state_dict(sd, projections(cfg))
     log(f"read {src} ({fmt}): {describe_checkpoint(cfg, sd)}")
     log(f"int8 projections with one scale per output row: {_mib(sd):,.1f} MiB -> {_mib(qsd):,.1f} MiB")
     ref, quant = build_model(cfg, sd), build_model(cfg, qsd)

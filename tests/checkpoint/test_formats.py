@@ -114,8 +114,8 @@ def test_unit_dims_on_vectors_are_accepted(tmp_path, sd):
     ("blocks.0.att.gate.weight", "RWKV-5"),
     ("blocks.0.att.time_maa_x", "RWKV-6"),
     ("blocks.0.att.time_faaaa", "RWKV-6"),
-    ("blocks.0.att.r_k", "RWKV-7"),
-    ("blocks.0.att.x_r", "RWKV-7"),
+    ("blocks.0.ffn.s_emb.weight", "RWKV-7a"),
+    ("blocks.0.qkv.k1", "RWKV-7b"),
 ])
 def test_other_rwkv_versions_are_refused(tmp_path, sd, key, version):
     sd = {**sd, key: torch.zeros(4)}

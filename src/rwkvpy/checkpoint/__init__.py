@@ -16,10 +16,10 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError
-from ..models import RWKV4Config, build_model
+from ..models import build_model
 from ..ops.quant import is_quantized
 from .hf import hf_layer_norm_eps, is_hf_folder, read_hf, write_hf
-from .keys import detect_other_version, infer_config, validate
+from .keys import detect_family, infer_config, validate
 from .native import is_native_folder, read_native, save_native
 from .pth import read_pth, write_pth
 
@@ -43,15 +43,13 @@ def detect_format(path: str | os.PathLike) -> str:
     return "pth"
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[RWKV4Config, dict[str, Tensor], str]:
+def read_checkpoint(path: str | os.PathLike) -> tuple[object, dict[str, Tensor], str]:
     """(config, tensors in official names and shapes, format name) of any supported format."""
     fmt = detect_format(path)
     source = str(path)
     if fmt == "native":
         cfg, sd = read_native(path)
-        other = detect_other_version(sd)
-        if other:
-            raise CheckpointError(f"{source}: this is an {other}; rwkvpy runs RWKV-4 checkpoints only")
+        detect_family(sd, source)
     elif fmt == "hf":
         sd, hf_cfg = read_hf(path)
         cfg = replace(infer_config(sd, source), layer_norm_eps=hf_layer_norm_eps(hf_cfg))
@@ -65,7 +63,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[RWKV4Config, dict[str, Ten
     return cfg, validate(sd, cfg, source), fmt
 
 
-def write_checkpoint(cfg: RWKV4Config, sd: dict[str, Tensor], path, fmt: str) -> None:
+def write_checkpoint(cfg, sd: dict[str, Tensor], path, fmt: str) -> None:
     if fmt != "native" and is_quantized(sd):
         raise CheckpointError(f"{path}: int8 checkpoints exist only in rwkvpy's format (--to native)")
     if fmt == "native":
@@ -78,10 +76,14 @@ def write_checkpoint(cfg: RWKV4Config, sd: dict[str, Tensor], path, fmt: str) ->
         raise CheckpointError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
 
-def describe_checkpoint(cfg: RWKV4Config, sd) -> str:
+def describe_checkpoint(cfg, sd) -> str:
     n = sum(t.numel() for t in sd.values())
-    return (f"RWKV-4, {cfg.n_layer} layers, n_embd {cfg.n_embd}, dim_att {cfg.dim_att}, "
-            f"dim_ffn {cfg.dim_ffn}, vocab {cfg.vocab_size}, {n:,} parameters")
+    if cfg.arch == "rwkv7":
+        shape = (f"RWKV-7, {cfg.n_layer} layers, n_embd {cfg.n_embd} ({cfg.n_head} heads of {cfg.head_size}), "
+                 f"dim_ffn {cfg.dim_ffn}, LoRA ranks w {cfg.d_decay} / a {cfg.d_aaa} / v {cfg.d_mv} / g {cfg.d_gate}")
+    else:
+        shape = f"RWKV-4, {cfg.n_layer} layers, n_embd {cfg.n_embd}, dim_att {cfg.dim_att}, dim_ffn {cfg.dim_ffn}"
+    return f"{shape}, vocab {cfg.vocab_size}, {n:,} parameters"
 
 
 def probe_tokens(vocab_size: int, length: int = 32) -> Tensor:

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..errors import CheckpointError
 from ..io import atomic_write_text
-from ..models import RWKV4Config
+from ..models import config_from_dict
 from ..io import read_safetensors, write_safetensors
 
 FORMAT = "rwkvpy"
@@ -30,7 +30,7 @@ def is_native_folder(path: Path) -> bool:
         return False
 
 
-def _config_from(d: dict, source) -> RWKV4Config:
+def _config_from(d: dict, source):
     if d.get("format") != FORMAT:
         raise CheckpointError(f"{source}: not an rwkvpy checkpoint (no \"format\": \"rwkvpy\")")
     version = d.get("format_version")
@@ -38,12 +38,12 @@ def _config_from(d: dict, source) -> RWKV4Config:
         raise CheckpointError(f"{source}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
     body = {k: v for k, v in d.items() if k not in ("format", "format_version")}
     try:
-        return RWKV4Config.from_dict(body)
+        return config_from_dict(body)
     except TypeError as e:
         raise CheckpointError(f"{source}: bad config: {e}") from None
 
 
-def read_native(path: str | os.PathLike) -> tuple[RWKV4Config, dict[str, Tensor]]:
+def read_native(path: str | os.PathLike) -> tuple[object, dict[str, Tensor]]:
     """A native folder, or a native ``.safetensors`` file on its own."""
     path = Path(path)
     weights = path / WEIGHTS if path.is_dir() else path
@@ -64,7 +64,7 @@ def read_native(path: str | os.PathLike) -> tuple[RWKV4Config, dict[str, Tensor]
     return _config_from(d, cfg_path), sd
 
 
-def save_native(cfg: RWKV4Config, sd: dict[str, Tensor], folder: str | os.PathLike) -> None:
+def save_native(cfg, sd: dict[str, Tensor], folder: str | os.PathLike) -> None:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise CheckpointError(f"{folder}: exists and is not a folder")

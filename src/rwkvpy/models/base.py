@@ -16,11 +16,37 @@ requires a gradient, training kernels when one does (:meth:`ModelBase.wants_grad
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import fields
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import RwkvpyError
+from ..errors import CheckpointError, RwkvpyError
+from ..ops.linear import Int8Linear, Linear
+from ..ops.quant import SCALE_SUFFIX, is_quantized, quantize_state_dict
+
+QUANTIZATIONS = (None, "int8")
+
+
+def config_from_dict(cls, d: Mapping[str, Any]):
+    """A family's config dataclass from its ``to_dict`` form; unknown keys are an error."""
+    d = dict(d)
+    arch = d.pop("arch", cls.arch)
+    if arch != cls.arch:
+        raise CheckpointError(f"config: arch is {arch!r}, expected {cls.arch!r}")
+    unknown = sorted(set(d) - {f.name for f in fields(cls)})
+    if unknown:
+        raise CheckpointError(f"config: unknown keys {unknown}")
+    return cls(**d)
+
+
+def check_positive_ints(cfg, names) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise CheckpointError(f"config: {name} must be a positive integer, got {value!r}")
 
 
 def weights_fingerprint(sd: dict[str, Tensor], samples: int = 4096) -> str:
@@ -91,9 +117,55 @@ class ModelBase(nn.Module):
         logits, state = self.forward(tokens[:, None], state)
         return logits[:, 0], state
 
+    def _use_int8_projections(self) -> None:
+        """Swap every projection for an int8 one of the same shape (weights loaded afterwards)."""
+        for name, module in list(self.named_modules()):
+            if isinstance(module, Linear):
+                parent, _, attr = name.rpartition(".")
+                int8 = Int8Linear(module.in_features, module.out_features, module.unbounded_input,
+                                  device=module.weight.device)
+                setattr(self.get_submodule(parent) if parent else self, attr, int8)
+
+    @property
+    def quantization(self) -> str | None:
+        return "int8" if any(isinstance(m, Int8Linear) for m in self.modules()) else None
+
     def compile_step(self) -> None:
         """Route ``step`` through ``torch.compile`` from now on: the per-token small ops fuse
         into a few loops (measured: docs/benchmarks.md). Each new batch size compiles first
         (tens of seconds); needs a C++ compiler at run time, which is why this is opt-in."""
         if "step" not in self.__dict__:  # the instance attribute shadows the method
             self.step = torch.compile(type(self).step.__get__(self), dynamic=False)
+
+
+def build_from_state_dict(make: Callable[[], ModelBase], sd: dict[str, Tensor], projections: tuple[str, ...],
+                          is_matrix: Callable[[str, Tensor], bool], dtype=torch.float32, device="cpu",
+                          quantize: str | None = None) -> ModelBase:
+    """A model (``make()``, built on the meta device) that uses the given tensors, no copy when
+    dtype and device already match.
+
+    ``dtype`` is how the matrices (``is_matrix``: embedding, projections) are stored; everything
+    else, and the activations, is fp32 (fp64 for an fp64 model): decays, norms and relu(k)^2
+    lose too much or overflow in half precision. ``quantize="int8"`` stores ``projections`` as
+    int8 with per-row scales; an int8 checkpoint loads as int8 either way.
+    """
+    if quantize not in QUANTIZATIONS:
+        raise RwkvpyError(f"unknown quantization {quantize!r}; choose int8 or none")
+    if quantize == "int8" and not is_quantized(sd):
+        sd = quantize_state_dict(sd, projections)
+    int8 = is_quantized(sd)
+    vectors = torch.float64 if dtype == torch.float64 else torch.float32
+    with torch.device("meta"):
+        model = make()
+        if int8:
+            model._use_int8_projections()
+
+    def place(key: str, t: Tensor) -> Tensor:
+        if int8 and key.endswith(projections):
+            return t.to(device)
+        if key.endswith(SCALE_SUFFIX):
+            return t.to(device, torch.float32)
+        return t.to(device, dtype if is_matrix(key, t) else vectors)
+
+    model.load_state_dict({k: place(k, v) for k, v in sd.items()}, strict=True, assign=True)
+    return model.eval()

@@ -16,19 +16,18 @@ with ``ln0`` applied to the embedding before block 0 and ``head(ln_out(x))`` at 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import CheckpointError, RwkvpyError
+from ..errors import RwkvpyError
 from ..ops.activation import channel_mix_products, squared_relu
-from ..ops.linear import Int8Linear, Linear
-from ..ops.quant import SCALE_SUFFIX, is_quantized, quantize_state_dict
+from ..ops.linear import Linear
 from ..ops.shift import time_mix
 from ..ops.wkv import EMPTY_LOG, WkvState, own_terms_may_underflow, wkv_chunked, wkv_matmul, wkv_token
-from .base import ModelBase
+from .base import ModelBase, build_from_state_dict, check_positive_ints, config_from_dict
 from .state import RecurrentState
 
 # Chunk lengths as measured (docs/benchmarks.md, the 2026-11-22 and 2026-11-24 entries in History).
@@ -37,7 +36,6 @@ PREFILL_CHUNK_LEN_CPU = 32  # the same form without a graph, for inference on a 
 CHUNK_LEN_CPU = 4  # the chunked form (compiled code; keys too spread for the matrix-product form)
 CHUNK_LEN_ACCELERATOR = 64  # the chunked form on a GPU, where kernel launches dominate
 SEGMENT_LEN = 1024  # forward() runs longer sequences segment by segment: memory linear in T
-QUANTIZATIONS = (None, "int8")
 
 
 @dataclass(frozen=True)
@@ -58,25 +56,14 @@ class RWKV4Config:
             object.__setattr__(self, "dim_att", self.n_embd)
         if self.dim_ffn is None:
             object.__setattr__(self, "dim_ffn", 4 * self.n_embd)
-        for name in ("vocab_size", "n_embd", "n_layer", "dim_att", "dim_ffn"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise CheckpointError(f"config: {name} must be a positive integer, got {value!r}")
+        check_positive_ints(self, ("vocab_size", "n_embd", "n_layer", "dim_att", "dim_ffn"))
 
     def to_dict(self) -> dict[str, Any]:
         return {"arch": self.arch, **asdict(self)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RWKV4Config":
-        d = dict(d)
-        arch = d.pop("arch", cls.arch)
-        if arch != cls.arch:
-            raise CheckpointError(f"config: arch is {arch!r}, expected {cls.arch!r}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise CheckpointError(f"config: unknown keys {unknown}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 # The matrices that multiply activations (official key suffixes): what int8 quantizes.
@@ -231,19 +218,6 @@ class RWKV4(ModelBase):
         return self.ln_out.weight.dtype
 
     @property
-    def quantization(self) -> str | None:
-        return "int8" if isinstance(self.head, Int8Linear) else None
-
-    def _use_int8_projections(self) -> None:
-        """Swap every projection for an int8 one of the same shape (weights loaded afterwards)."""
-        for name, module in list(self.named_modules()):
-            if isinstance(module, Linear):
-                parent, _, attr = name.rpartition(".")
-                int8 = Int8Linear(module.in_features, module.out_features, module.unbounded_input,
-                                  device=module.weight.device)
-                setattr(self.get_submodule(parent) if parent else self, attr, int8)
-
-    @property
     def device(self) -> torch.device:
         return self.emb.weight.device
 
@@ -370,33 +344,10 @@ def random_state_dict(cfg: RWKV4Config, seed: int = 0, dtype=torch.float32) -> d
 
 def build_model(cfg: RWKV4Config, sd: dict[str, Tensor], dtype=torch.float32, device="cpu",
                 quantize: str | None = None) -> RWKV4:
-    """A model that uses the given tensors (no copy when dtype and device already match).
-
-    ``dtype`` is how the matrices (embedding, projections) are stored; vectors (norms, mixes,
-    decay, bonus) and activations are fp32 unless the model is fp64, because exp(time_decay)
-    and relu(k)^2 lose too much or overflow in half precision. ``quantize="int8"`` stores the
-    projections as int8 with per-row scales; an int8 checkpoint loads as int8 either way.
-    """
-    if quantize not in QUANTIZATIONS:
-        raise RwkvpyError(f"unknown quantization {quantize!r}; choose int8 or none")
-    if quantize == "int8" and not is_quantized(sd):
-        sd = quantize_state_dict(sd, PROJECTIONS)
-    int8 = is_quantized(sd)
-    vectors = torch.float64 if dtype == torch.float64 else torch.float32
-    with torch.device("meta"):
-        model = RWKV4(cfg)
-        if int8:
-            model._use_int8_projections()
-
-    def place(key: str, t: Tensor) -> Tensor:
-        if int8 and key.endswith(PROJECTIONS):
-            return t.to(device)
-        if key.endswith(SCALE_SUFFIX):
-            return t.to(device, torch.float32)
-        return t.to(device, dtype if t.dim() == 2 else vectors)
-
-    model.load_state_dict({k: place(k, v) for k, v in sd.items()}, strict=True, assign=True)
-    return model.eval()
+    """An RWKV-4 model on the given tensors: every 2-D tensor is a matrix stored in ``dtype``
+    (see :func:`~rwkvpy.models.base.build_from_state_dict`)."""
+    return build_from_state_dict(lambda: RWKV4(cfg), sd, PROJECTIONS, lambda key, t: t.dim() == 2,
+                                 dtype, device, quantize)
 
 
 @torch.no_grad()

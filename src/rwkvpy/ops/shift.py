@@ -56,3 +56,10 @@ def time_mix(x: Tensor, last: Tensor, *mixes: Tensor) -> tuple[Tensor, ...]:
     if x.dim() == 3 and torch.is_grad_enabled() and any(t.requires_grad for t in (x, last, *mixes)):
         return _TimeMix.apply(x, last, *mixes)
     return _interpolate(x, token_shift(x, last), mixes)[1]
+
+
+def delta_mix(x: Tensor, last: Tensor, *mixes: Tensor) -> tuple[Tensor, ...]:
+    """RWKV-7's convention for the same interpolation: x + mix_i (shift(x, last) - x), i.e.
+    :func:`time_mix` with 1 - mix_i. Autograd's own backward (RWKV-7 trains through it as is)."""
+    d = token_shift(x, last) - x
+    return tuple(torch.addcmul(x, mix.view(-1), d) for mix in mixes)
