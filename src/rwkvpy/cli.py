@@ -33,6 +33,8 @@ def cmd_convert(args) -> int:
     r = convert_checkpoint(src, dst, args.to)
     print(f"read {src} ({r['source_format']}): {_describe(r['config'], r['state_dict'])}")
     print(f"wrote {dst} ({args.to}): {r['identical']}/{r['tensors']} tensors bit-identical")
+    if r["left_out"]:
+        print(f"left out {len(r['left_out'])} tensors no computation uses: {', '.join(r['left_out'])}")
     print(f"probe: max |logit difference| = {r['max_logit_diff']:.3g} over {r['probe_tokens']} tokens (fp32)")
     return 0
 

@@ -96,10 +96,16 @@ def probe_tokens(vocab_size: int, length: int = 32) -> Tensor:
 def convert_checkpoint(src, dst, fmt: str) -> dict:
     """Write ``src`` in format ``fmt`` at ``dst``, read it back and prove it is the same model:
     every tensor compared, and both models' fp32 logits on a probe sequence. Formats only
-    rename tensors, so anything beyond fp32 rounding is a broken conversion (an error)."""
+    rename tensors, so anything beyond fp32 rounding is a broken conversion (an error). The one
+    exception: an RWKV-7 trainer's file keeps layer 0's value LoRA, which no computation uses and
+    the Hugging Face layout has no place for; it is left out (``left_out`` counts them)."""
     cfg, sd, src_fmt = read_checkpoint(src)
     write_checkpoint(cfg, sd, dst, fmt)
     cfg2, sd2, _ = read_checkpoint(dst)
+    left_out = [k for k in sd if k not in sd2]
+    if left_out and getattr(cfg, "layer0_value_lora", False) and not cfg2.layer0_value_lora:
+        cfg = replace(cfg, layer0_value_lora=False)
+        sd = {k: v for k, v in sd.items() if k in sd2}
     same = sum(k in sd2 and torch.equal(sd[k], sd2[k]) and sd[k].dtype == sd2[k].dtype for k in sd)
     tokens = probe_tokens(cfg.vocab_size)
     a, _ = build_model(cfg, sd)(tokens)
@@ -108,7 +114,7 @@ def convert_checkpoint(src, dst, fmt: str) -> dict:
     if cfg2 != cfg or not diff <= 1e-6 * max(1.0, scale):
         raise CheckpointError(f"{dst}: conversion changed the model (max logit difference {diff:.3g})")
     return {"config": cfg, "state_dict": sd, "source_format": src_fmt, "identical": same, "tensors": len(sd),
-            "max_logit_diff": diff, "probe_tokens": tokens.shape[1]}
+            "left_out": left_out, "max_logit_diff": diff, "probe_tokens": tokens.shape[1]}
 
 
 __all__ = ["FORMATS", "convert_checkpoint", "describe_checkpoint", "probe_tokens", "detect_format", "read_checkpoint", "write_checkpoint", "read_pth", "write_pth",
