@@ -19,8 +19,8 @@ from .checkpoint import FORMATS, convert_checkpoint, describe_checkpoint, read_c
 from .errors import RwkvpyError
 from .generation import FORMATS as CHAT_FORMATS
 from .generation import ChatSession, SamplingParams, generate
-from .loading import default_model_path, load, quantize_checkpoint
-from .models import RWKV4Config, build_model, load_state, random_state_dict
+from .loading import default_model_path, load, load_initial_state, quantize_checkpoint
+from .models import RWKV4Config, build_model, random_state_dict
 from .tokenizers import tokenizer_for_model
 
 
@@ -162,7 +162,7 @@ def sampling_from(args) -> SamplingParams:
 def cmd_generate(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else unescape(args.prompt)
     model, tokenizer = load_model_and_tokenizer(args)
-    state = load_state(args.state_in, model) if args.state_in else None
+    state = load_initial_state(args.state_in, model) if args.state_in else None
     gen = generate(model, tokenizer, prompt, state=state, params=sampling_from(args))
     t0 = time.perf_counter()
     for piece in gen:
@@ -184,9 +184,10 @@ CHAT_HELP = """commands: /reset  /save FILE  /load FILE  /regenerate  /help  /qu
 def cmd_chat(args) -> int:
     model, tokenizer = load_model_and_tokenizer(args)
     session = ChatSession(model, tokenizer, format=args.format, system=args.system,
-                          params=sampling_from(args))
+                          params=sampling_from(args),
+                          initial_state=load_initial_state(args.state_in, model) if args.state_in else None)
     user, bot = {"world": ("User", "Assistant"), "raven": ("Bob", "Alice"),
-                 "alpaca": ("Instruction", "Response")}[args.format]
+                 "alpaca": ("Instruction", "Response")}.get(args.format, ("User", "Assistant"))
     print(f"rwkvpy chat ({args.format} format). {CHAT_HELP}", file=sys.stderr)
     while True:
         try:
@@ -345,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(g)
     g.add_argument("prompt", help="the prompt text, or - to read it from stdin")
     sampling_args(g, temperature=1.0, top_p=0.85, max_tokens=200)
-    g.add_argument("--state-in", metavar="FILE", help="continue from a saved state")
+    g.add_argument("--state-in", metavar="FILE",
+                   help="start from a saved state, or an RWKV-7 state-tuned file (att.time_state)")
     g.add_argument("--state-out", metavar="FILE", help="save the final state")
     g.add_argument("-v", "--verbose", action="store_true", help="print token counts and time to stderr")
     g.set_defaults(func=cmd_generate)
@@ -354,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(ch)
     ch.add_argument("--format", choices=list(CHAT_FORMATS), default="world")
     ch.add_argument("--system", help="system prompt")
+    ch.add_argument("--state-in", metavar="FILE",
+                    help="start (and /reset) from a saved state or an RWKV-7 state-tuned file")
     sampling_args(ch, temperature=1.0, top_p=0.3, max_tokens=500)
     ch.set_defaults(func=cmd_chat, presence_penalty=0.4, frequency_penalty=0.4, penalty_decay=0.996)
 

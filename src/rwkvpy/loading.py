@@ -7,10 +7,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import describe_checkpoint, probe_tokens, read_checkpoint, save_native
+from .checkpoint import describe_checkpoint, probe_tokens, read_checkpoint, read_pth, save_native
 from .errors import RwkvpyError
-from .io import atomic_write
-from .models import ModelBase, build_model, projections
+from .io import atomic_write, read_safetensors
+from .models import RWKV7, ModelBase, RWKV7State, build_model, load_state, projections
+from .models.state import STATE_FORMAT
 from .ops.linear import plan_projections
 from .ops.plan import kernels_mode
 from .ops.quant import check_loss_increase, is_quantized, logit_agreement, quantize_state_dict
@@ -72,6 +73,23 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu",
     if kernels_mode() == "planned":
         plan_projections(model, report=plan_report)
     return model
+
+
+def load_initial_state(path: str | os.PathLike, model):
+    """A starting state for generation and chat: an rwkvpy state file (checked against the
+    model), or a state-tuned RWKV-7 file (``blocks.{i}.att.time_state``, .pth or .safetensors)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        tensors, meta = read_safetensors(path)
+        if meta.get("format") == STATE_FORMAT:
+            return load_state(path, model)
+    else:
+        tensors = read_pth(path)
+    if not any(k.endswith(".att.time_state") for k in tensors):
+        raise RwkvpyError(f"{path}: neither an rwkvpy state file nor a state-tuned file (no att.time_state keys)")
+    if not isinstance(model, RWKV7):
+        raise RwkvpyError(f"{path}: a state-tuned RWKV-7 file; this model is {model.config.arch}")
+    return RWKV7State.from_time_state(tensors, model, str(path))
 
 
 def save(model, path: str | os.PathLike) -> None:

@@ -173,3 +173,33 @@ def test_config_defaults_follow_the_official_trainer_and_bad_widths_are_named():
     assert (cfg.d_decay, cfg.d_aaa, cfg.d_mv, cfg.d_gate, cfg.dim_ffn, cfg.n_head) == (64, 64, 32, 128, 3072, 12)
     with pytest.raises(RwkvpyError, match="head_size"):
         RWKV7Config(vocab_size=10, n_embd=100, n_layer=1)
+
+
+def test_state_tuned_files_start_generation_and_chat(tmp_path):
+    from rwkvpy.checkpoint import write_pth
+    from rwkvpy.generation import ChatSession, SamplingParams
+    from rwkvpy.loading import load_initial_state
+    from rwkvpy.tokenizers.byte import ByteTokenizer
+
+    cfg = RWKV7Config(vocab_size=256, n_embd=32, n_layer=2, head_size=16, d_decay=8, d_aaa=8, d_mv=8, d_gate=8)
+    model = model_for(cfg, torch.float32)
+    g = torch.Generator().manual_seed(9)
+    tuned = {f"blocks.{i}.att.time_state": torch.randn(2, 16, 16, generator=g) for i in range(2)}
+    write_pth(tuned, tmp_path / "state.pth")
+    state = load_initial_state(tmp_path / "state.pth", model)
+    assert torch.equal(state.wkv[1, 0], tuned["blocks.1.att.time_state"])  # as stored: values x keys
+    assert not state.att_x.any() and state.model_id == model.fingerprint
+    toks = tokens_for(cfg, B=1, T=6)
+    with torch.no_grad():
+        assert not torch.equal(model(toks, state)[0], model(toks)[0])
+    chat = ChatSession(model, ByteTokenizer(), format="g1", initial_state=state,
+                       params=SamplingParams(temperature=0, max_new_tokens=3))
+    first = chat.say("hi\n\nthere")
+    assert chat.transcript.startswith("User: hi\nthere\n\nAssistant:")
+    chat.reset()
+    assert chat.state is state and chat.say("hi\n\nthere") == first
+
+    tuned["blocks.1.att.time_state"] = torch.zeros(2, 16, 8)
+    write_pth(tuned, tmp_path / "bad.pth")
+    with pytest.raises(RwkvpyError, match=r"time_state' has shape \(2, 16, 8\), expected \(2, 16, 16\)"):
+        load_initial_state(tmp_path / "bad.pth", model)

@@ -36,6 +36,12 @@ FORMATS = {
     "world": ChatFormat("world", "System: {system}\n\n", "User: {message}\n\n", "Assistant:"),
     "raven": ChatFormat("raven", "{system}\n\n", "Bob: {message}\n\n", "Alice:"),
     "alpaca": ChatFormat("alpaca", "{system}\n\n", "### Instruction:\n{message}\n\n", "### Response:\n"),
+    # RWKV-7 G1 (RWKV-LM's RWKV7-G1x-templates.txt): World's turns; the reply may open with a
+    # thinking block ("<think" lets the model think, "<think></think" skips it, fast and good)
+    "g1": ChatFormat("g1", "System: {system}\n\n", "User: {message}\n\n", "Assistant:"),
+    "g1-think": ChatFormat("g1-think", "System: {system}\n\n", "User: {message}\n\n", "Assistant: <think"),
+    "g1-nothink": ChatFormat("g1-nothink", "System: {system}\n\n", "User: {message}\n\n",
+                             "Assistant: <think></think"),
 }
 
 
@@ -46,7 +52,7 @@ def clean_message(text: str) -> str:
 
 class ChatSession:
     def __init__(self, model, tokenizer: Tokenizer, format: str = "world", system: str | None = None,
-                 params: SamplingParams | None = None):
+                 params: SamplingParams | None = None, initial_state: RecurrentState | None = None):
         if format not in FORMATS:
             raise RwkvpyError(f"unknown chat format {format!r}; choose one of {', '.join(FORMATS)}")
         self.model, self.tokenizer, self.format, self.system = model, tokenizer, FORMATS[format], system
@@ -55,10 +61,11 @@ class ChatSession:
         stops = tuple(dict.fromkeys((*base.stop_strings, SEPARATOR)))
         self.params = SamplingParams(**{**base.__dict__, "stop_strings": stops})
         self.generator = make_generator(self.params.seed)
+        self.initial_state = initial_state  # where a conversation starts (a state-tuned state, say)
         self.reset()
 
     def reset(self) -> None:
-        self.state: RecurrentState | None = None
+        self.state: RecurrentState | None = self.initial_state
         self.transcript = ""  # all text the state has read
         self.history: list[int] = []  # all tokens fed in this session
         self._last_turn: tuple[RecurrentState | None, str, int, str] | None = None

@@ -162,6 +162,27 @@ class RWKV7State(RecurrentState):
                           torch.zeros(L, batch, C, dtype=dtype, device=device),
                           torch.zeros(batch, dtype=torch.int64, device=device), model_id)
 
+    @staticmethod
+    def from_time_state(tensors: dict[str, Tensor], model: "RWKV7", source: str) -> "RWKV7State":
+        """The starting state of a state-tuned file: ``blocks.{i}.att.time_state`` (H, N, N) per
+        layer, in the orientation of the official x070 kernels (values x keys, as S here; the
+        RWKV-5/6 files of ChatRWKV were transposed, x070 ones are not), shifts zero."""
+        cfg = model.config
+        want = (cfg.n_head, cfg.head_size, cfg.head_size)
+        layers = []
+        for i in range(cfg.n_layer):
+            key = f"blocks.{i}.att.time_state"
+            if key not in tensors:
+                raise RwkvpyError(f"{source}: missing key {key!r}: not a state-tuned file for this "
+                                  f"{cfg.n_layer}-layer model")
+            t = tensors[key]
+            if tuple(t.shape) != want:
+                raise RwkvpyError(f"{source}: key {key!r} has shape {tuple(t.shape)}, expected {want}")
+            layers.append(t)
+        zero = model.zero_state(1)
+        wkv = torch.stack(layers)[:, None].to(zero.wkv.device, zero.wkv.dtype)
+        return RWKV7State(zero.att_x, wkv, zero.ffn_x, zero.pos, zero.model_id)
+
 
 def _lora(x: Tensor, first: Tensor, second: Tensor, inner=None) -> Tensor:
     h = x @ first
