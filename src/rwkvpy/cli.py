@@ -363,14 +363,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .train import ARCHS, PRECISIONS, TrainConfig
 
-    t = sub.add_parser("train", help="train a language model (RWKV-4 or the GPT baseline)")
+    t = sub.add_parser("train", help="train a language model (RWKV-4, RWKV-7 or the GPT baseline)")
     t.add_argument("--data", required=True, help="a text file (bytes unless --tokenizer is given)")
     t.add_argument("--out", dest="out_dir", help="output folder (checkpoints, log.csv, curves.png, model/)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     t.add_argument("--tokenizer")
     t.add_argument("--arch", choices=ARCHS)
     defaults = TrainConfig(data="")
-    for name in ("n_layer", "n_embd", "dim_ffn", "n_head", "ctx_len", "batch_size", "grad_accum", "max_iters",
+    for name in ("n_layer", "n_embd", "dim_ffn", "n_head", "head_size", "ctx_len", "batch_size", "grad_accum", "max_iters",
                  "warmup_iters", "eval_interval", "eval_windows", "ckpt_interval", "log_interval", "seed"):
         t.add_argument("--" + name.replace("_", "-"), type=int, dest=name,
                        help=f"default {getattr(defaults, name)}")

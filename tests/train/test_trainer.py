@@ -47,11 +47,13 @@ def run(*args, env=None, check=True):
 
 
 def train_cli(corpus, out, *extra, arch="rwkv4"):
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if not (arch == "rwkv4" and k == "n_head")]
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if not (arch != "gpt" and k == "n_head")]
+    if arch == "rwkv7":
+        flags.append("--head-size=8")
     return ["-m", "rwkvpy", "train", "--data", corpus, "--out", out, "--arch", arch, *flags, *extra]
 
 
-@pytest.mark.parametrize("arch", ["rwkv4", "gpt"])
+@pytest.mark.parametrize("arch", ["rwkv4", "rwkv7", "gpt"])
 def test_sigkill_then_resume_reaches_the_same_losses(tmp_path, corpus, arch):
     full, killed = tmp_path / "full", tmp_path / "killed"
     run(*train_cli(corpus, full, arch=arch))
@@ -78,12 +80,13 @@ def test_sigkill_then_resume_reaches_the_same_losses(tmp_path, corpus, arch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_ddp_two_processes_equal_one(tmp_path, corpus):
+@pytest.mark.parametrize("arch,port", [("rwkv4", 29517), ("rwkv7", 29518)])
+def test_ddp_two_processes_equal_one(tmp_path, corpus, arch, port):
     one, two = tmp_path / "one", tmp_path / "two"
-    run(*train_cli(corpus, one, "--max-iters=8"))
+    run(*train_cli(corpus, one, "--max-iters=8", arch=arch))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-        *train_cli(corpus, two, "--max-iters=8"), env=env)
+    run("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+        *train_cli(corpus, two, "--max-iters=8", arch=arch), env=env)
     a = torch.load(one / "ckpt.pt", weights_only=True)["model"]
     b = torch.load(two / "ckpt.pt", weights_only=True)["model"]
     for k in a:
@@ -115,9 +118,10 @@ def test_checkpoint_survives_a_crash_mid_write(tmp_path, corpus, monkeypatch):
                                                                      "log.csv", "model"]
 
 
-def test_outputs_and_the_trained_model_runs(tmp_path, corpus):
+@pytest.mark.parametrize("arch", ["rwkv4", "rwkv7"])
+def test_outputs_and_the_trained_model_runs(tmp_path, corpus, arch):
     out = tmp_path / "run"
-    run(*train_cli(corpus, out))
+    run(*train_cli(corpus, out, arch=arch))
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert read_log(out)[-1]["step"] == str(TINY["max_iters"])
     r = run("-m", "rwkvpy", "generate", "--model", out / "model", "It is", "--max-tokens", "10", "--seed", "1")
@@ -130,12 +134,12 @@ def test_outputs_and_the_trained_model_runs(tmp_path, corpus):
     assert result["loss"] < math.log(256) - 1.0, result
 
 
-@pytest.mark.parametrize("arch", ["rwkv4", "gpt"])
+@pytest.mark.parametrize("arch", ["rwkv4", "rwkv7", "gpt"])
 def test_gradient_accumulation_equals_one_big_batch(tmp_path, corpus, arch):
     """Loss and gradients of one step (no clipping): linear in the batch, so they must agree.
     (Weights after AdamW would not show a missing 1/grad_accum: Adam is scale-invariant.)"""
     def one_step(batch, accum):
-        cfg = TrainConfig(data=str(corpus), out_dir=str(tmp_path / f"{batch}x{accum}"), arch=arch,
+        cfg = TrainConfig(data=str(corpus), out_dir=str(tmp_path / f"{batch}x{accum}"), arch=arch, head_size=8,
                           **{**TINY, "batch_size": batch, "grad_accum": accum, "grad_clip": 0.0})
         trainer = Trainer(cfg)
         loss = trainer.train_step()
@@ -211,6 +215,41 @@ def test_official_init_matches_transformers_recipe():
         assert torch.count_nonzero(ours[key]) == 0
     assert ours["emb.weight"].abs().max() <= 1e-4
     assert torch.allclose(ours["blocks.0.att.time_first"][:3], torch.tensor([-1.2040, -0.7040, -1.7040]), atol=1e-4)
+
+
+def test_rwkv7_official_init_follows_the_trainer_recipe():
+    """Values from the formulas of RWKV-LM RWKV-v7/train_temp/src/model.py, written out here."""
+    from rwkvpy.models.rwkv7 import RWKV7Config
+    from rwkvpy.models.rwkv7 import official_init as init7
+
+    C, L, N, V = 128, 3, 64, 300
+    sd = init7(RWKV7Config(vocab_size=V, n_embd=C, n_layer=L, head_size=N), seed=0)
+    c = 77  # a channel: position 13 in head 1
+    assert sd["blocks.0.att.x_r"][0, 0, c].item() == pytest.approx(1 - (c / C) ** 0.2, abs=1e-6)
+    assert sd["blocks.2.att.x_w"][0, 0, c].item() == pytest.approx(1 - (c / C) ** (0.9 * (1 - 2 / 3)), abs=1e-6)
+    assert sd["blocks.1.ffn.x_k"][0, 0, c].item() == pytest.approx(1 - (c / C) ** ((1 - 1 / 3) ** 4), abs=1e-6)
+    zig = ((c % N) - (N - 1) / 2) / ((N - 1) / 2)
+    zig *= abs(zig)
+    lin = c / (C - 1) - 0.5
+    www = -6 + 6 * (c / (C - 1)) ** (1 + 0.5 ** 0.3)  # layer 1 of 3: ratio_0_to_1 = 0.5
+    assert sd["blocks.1.att.w0"][0, 0, c].item() == pytest.approx(www + 0.5 + zig * 2.5, abs=1e-5)
+    assert sd["blocks.1.att.a0"][0, 0, c].item() == pytest.approx(-0.19 + zig * 0.3 + lin * 0.4, abs=1e-6)
+    assert sd["blocks.1.att.v0"][0, 0, c].item() == pytest.approx(0.73 - lin * 0.4, abs=1e-6)
+    assert sd["blocks.1.att.k_k"][0, 0, c].item() == pytest.approx(0.71 - lin * 0.1, abs=1e-6)
+    assert torch.all(sd["blocks.1.att.k_a"] == 1.02) and torch.all(sd["blocks.0.att.r_k"] == -0.04)
+    assert sd["blocks.1.att.ln_x.weight"][0].item() == pytest.approx((2 / 3) ** 0.7, abs=1e-6)
+    assert "blocks.0.att.v0" not in sd  # layer 0 has no value residual
+    for zero in ("blocks.1.att.w1", "blocks.1.att.a1", "blocks.1.att.g1", "blocks.1.att.output.weight",
+                 "blocks.1.ffn.value.weight"):
+        assert not sd[zero].any(), zero
+    D = sd["blocks.1.att.w2"].shape[0]
+    eye = torch.eye(D)
+    assert torch.allclose(sd["blocks.1.att.w2"] @ sd["blocks.1.att.w2"].T, 0.01 * eye, atol=1e-6)
+    assert torch.allclose(sd["blocks.1.att.key.weight"] @ sd["blocks.1.att.key.weight"].T, 0.01 * torch.eye(C),
+                          atol=1e-6)
+    head = sd["head.weight"]  # (V, C), V > C: orthonormal columns times 0.5 sqrt(V / C)
+    assert torch.allclose(head.T @ head, 0.25 * V / C * torch.eye(C), atol=1e-4)
+    assert sd["emb.weight"].abs().max() <= 1e-4
 
 
 def test_lr_schedule():

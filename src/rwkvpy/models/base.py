@@ -169,3 +169,13 @@ def build_from_state_dict(make: Callable[[], ModelBase], sd: dict[str, Tensor], 
 
     model.load_state_dict({k: place(k, v) for k, v in sd.items()}, strict=True, assign=True)
     return model.eval()
+
+
+def orthogonal(shape, gain: float, g: torch.Generator) -> Tensor:
+    """A (rows, cols) matrix with orthonormal rows or columns, times gain (as nn.init.orthogonal_)."""
+    rows, cols = shape
+    a = torch.randn(max(rows, cols), min(rows, cols), generator=g, dtype=torch.float64)
+    q, r = torch.linalg.qr(a)
+    q = q * torch.sign(torch.diagonal(r))
+    q = q if rows >= cols else q.T
+    return (gain * q).float().contiguous()

@@ -27,7 +27,7 @@ from ..ops.activation import channel_mix_products, squared_relu
 from ..ops.linear import Linear
 from ..ops.shift import time_mix
 from ..ops.wkv import EMPTY_LOG, WkvState, own_terms_may_underflow, wkv_chunked, wkv_matmul, wkv_token
-from .base import ModelBase, build_from_state_dict, check_positive_ints, config_from_dict
+from .base import ModelBase, build_from_state_dict, check_positive_ints, config_from_dict, orthogonal
 from .state import RecurrentState
 
 # Chunk lengths as measured (docs/benchmarks.md, the 2026-11-22 and 2026-11-24 entries in History).
@@ -370,7 +370,7 @@ def official_init(cfg: RWKV4Config, seed: int = 0) -> dict[str, Tensor]:
         elif len(shape) == 2:
             gain = math.sqrt(shape[0] / shape[1]) if shape[0] > shape[1] else 1.0
             gain *= 0.5 if key == "head.weight" else 1.0
-            sd[key] = _orthogonal(shape, gain, g)
+            sd[key] = orthogonal(shape, gain, g)
     channel = torch.arange(C, dtype=torch.float64) / C  # i / n_embd
     h = torch.arange(A, dtype=torch.float64) / max(A - 1, 1)
     for i in range(L):
@@ -391,13 +391,3 @@ def official_init(cfg: RWKV4Config, seed: int = 0) -> dict[str, Tensor]:
 
 _ZERO_INIT = ("att.key.weight", "att.receptance.weight", "att.output.weight", "ffn.value.weight",
               "ffn.receptance.weight")
-
-
-def _orthogonal(shape, gain: float, g: torch.Generator) -> Tensor:
-    """A (rows, cols) matrix with orthonormal rows or columns, times gain (as nn.init.orthogonal_)."""
-    rows, cols = shape
-    a = torch.randn(max(rows, cols), min(rows, cols), generator=g, dtype=torch.float64)
-    q, r = torch.linalg.qr(a)
-    q = q * torch.sign(torch.diagonal(r))
-    q = q if rows >= cols else q.T
-    return (gain * q).float().contiguous()

@@ -33,7 +33,7 @@ from ..ops.activation import squared_relu
 from ..ops.linear import Linear
 from ..ops.shift import delta_mix
 from ..ops.wkv7 import wkv7_chunked, wkv7_step
-from .base import ModelBase, build_from_state_dict, check_positive_ints, config_from_dict
+from .base import ModelBase, build_from_state_dict, check_positive_ints, config_from_dict, orthogonal
 from .state import RecurrentState
 
 MAX_LOG_DECAY = math.exp(-0.5)  # log w = -e^-0.5 sigmoid(.): decay per token >= e^-0.607
@@ -384,3 +384,60 @@ def random_state_dict(cfg: RWKV7Config, seed: int = 0, dtype=torch.float32) -> d
             t = torch.randn(shape, generator=g) / math.sqrt(shape[1])
         sd[key] = t.to(dtype)
     return sd
+
+
+@torch.no_grad()
+def official_init(cfg: RWKV7Config, seed: int = 0) -> dict[str, Tensor]:
+    """Initial weights as in the official trainer (RWKV-LM ``RWKV-v7/train_temp/src/model.py``:
+    the layers' init, then ``generate_init_weight``): per-layer mix curves; decay, in-context
+    rate and value-residual biases by channel and head; LoRA first matrices zero, second ones
+    orthogonal x 0.1; receptance / value orthogonal, key orthogonal x 0.1, output and
+    ffn.value zero, ffn.key orthogonal; ln_x weights ((layer + 1) / L)^0.7; embedding uniform
+    +-1e-4; head orthogonal x 0.5 sqrt(V / C)."""
+    g = torch.Generator().manual_seed(seed)
+    C, L, N, V = cfg.n_embd, cfg.n_layer, cfg.head_size, cfg.vocab_size
+    n = torch.arange(C, dtype=torch.float64)
+    ddd = n / C
+    linear = n / (C - 1) - 0.5 if C > 1 else torch.zeros(C, dtype=torch.float64)
+    zigzag = ((n % N) - (N - 1) / 2) / ((N - 1) / 2) if N > 1 else torch.zeros(C, dtype=torch.float64)
+    zigzag = zigzag * zigzag.abs()
+    sd = {}
+    for key, shape in parameter_shapes(cfg).items():
+        if key.endswith(("ln0.weight", "ln1.weight", "ln2.weight", "ln_out.weight")):
+            sd[key] = torch.ones(shape)
+        elif key.endswith(".bias"):
+            sd[key] = torch.zeros(shape)
+        elif key == "emb.weight":
+            sd[key] = (torch.rand(shape, generator=g) * 2 - 1) * 1e-4
+        elif key == "head.weight":
+            sd[key] = orthogonal(shape, 0.5 * math.sqrt(V / C) if V > C else 0.5, g)
+    for i in range(L):
+        p = f"blocks.{i}.att."
+        ratio_0_to_1 = i / (L - 1) if L > 1 else 0.0
+        ratio_1_to_almost0 = 1.0 - i / L
+        for mix, power in zip(MIXES, (0.2, 0.9, 0.7, 0.7, 0.9, 0.2)):
+            sd[p + mix] = (1.0 - ddd ** (power * ratio_1_to_almost0)).float().view(1, 1, C)
+        decay_speed = -6 + 6 * (n / max(C - 1, 1)) ** (1 + ratio_0_to_1 ** 0.3)
+        biases = {"w": decay_speed + 0.5 + zigzag * 2.5, "a": -0.19 + zigzag * 0.3 + linear * 0.4,
+                  "v": 0.73 - linear * 0.4}
+        for lora in LORAS:
+            if lora == "v" and not has_value_lora(cfg, i):
+                continue
+            D = cfg.lora_rank(lora)
+            if lora in biases:
+                sd[f"{p}{lora}0"] = biases[lora].float().view(1, 1, C)
+            sd[f"{p}{lora}1"] = torch.zeros(C, D)
+            sd[f"{p}{lora}2"] = orthogonal((D, C), 0.1 * (math.sqrt(D / C) if D > C else 1.0), g)
+        sd[p + "k_k"] = (0.71 - linear * 0.1).float().view(1, 1, C)
+        sd[p + "k_a"] = torch.full((1, 1, C), 1.02)
+        sd[p + "r_k"] = torch.full((cfg.n_head, N), -0.04)
+        sd[p + "receptance.weight"] = orthogonal((C, C), 1.0, g)
+        sd[p + "key.weight"] = orthogonal((C, C), 0.1, g)
+        sd[p + "value.weight"] = orthogonal((C, C), 1.0, g)
+        sd[p + "output.weight"] = torch.zeros(C, C)
+        sd[p + "ln_x.weight"] = torch.full((C,), ((1 + i) / L) ** 0.7)
+        f = f"blocks.{i}.ffn."
+        sd[f + "x_k"] = (1.0 - ddd ** (ratio_1_to_almost0 ** 4)).float().view(1, 1, C)
+        sd[f + "key.weight"] = orthogonal((cfg.dim_ffn, C), 1.0, g)
+        sd[f + "value.weight"] = torch.zeros(C, cfg.dim_ffn)
+    return {k: sd[k] for k in parameter_shapes(cfg)}

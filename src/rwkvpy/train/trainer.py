@@ -28,12 +28,13 @@ from tqdm import tqdm
 from ..checkpoint import save_native
 from ..errors import RwkvpyError
 from ..io import atomic_write, atomic_write_text
-from ..models import GPT, GPTConfig, RWKV4Config, build_model, official_init
+from ..models import GPT, GPTConfig, RWKV4Config, RWKV7Config, build_model, official_init
 from ..tokenizers import load_tokenizer
 from .data import TokenData, WindowSampler, eval_starts, load_data, windows
 from .evaluate import summed_loss
 
-ARCHS = ("rwkv4", "gpt")
+ARCHS = ("rwkv4", "rwkv7", "gpt")
+RECURRENT = ("rwkv4", "rwkv7")  # the families saved as checkpoints rwkvpy.load reads
 PRECISIONS = ("auto", "fp32", "bf16")
 BF16_MIN_SPEEDUP = 1.15  # auto takes bf16 autocast only when the probe's step is this much faster
 LOG_FIELDS = ["step", "tokens", "lr", "train_loss", "val_loss", "val_bpb", "elapsed_s", "tokens_per_s"]
@@ -47,8 +48,9 @@ class TrainConfig:
     arch: str = "rwkv4"
     n_layer: int = 4
     n_embd: int = 128
-    dim_ffn: int | None = None  # rwkv4; default 4 * n_embd
+    dim_ffn: int | None = None  # rwkv4, rwkv7; default 4 * n_embd
     n_head: int = 4  # gpt
+    head_size: int = 64  # rwkv7
     ctx_len: int = 64
     batch_size: int = 12  # windows per micro-batch (all processes together)
     grad_accum: int = 1
@@ -81,6 +83,8 @@ class TrainConfig:
                 raise RwkvpyError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.arch == "gpt" and self.n_embd % self.n_head:
             raise RwkvpyError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        if self.arch == "rwkv7" and self.n_embd % self.head_size:
+            raise RwkvpyError(f"n_embd {self.n_embd} is not divisible by head_size {self.head_size}")
 
 
 def choose_precision(fp32_seconds: float, bf16_seconds: float) -> str:
@@ -97,8 +101,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def build(cfg: TrainConfig, vocab_size: int) -> nn.Module:
-    if cfg.arch == "rwkv4":
-        mcfg = RWKV4Config(vocab_size=vocab_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer, dim_ffn=cfg.dim_ffn)
+    if cfg.arch in RECURRENT:
+        if cfg.arch == "rwkv4":
+            mcfg = RWKV4Config(vocab_size=vocab_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer, dim_ffn=cfg.dim_ffn)
+        else:
+            mcfg = RWKV7Config(vocab_size=vocab_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+                               head_size=cfg.head_size, dim_ffn=cfg.dim_ffn)
         model = build_model(mcfg, official_init(mcfg, seed=cfg.seed), device=cfg.device)
         return model.train()
     return GPT(GPTConfig(vocab_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.ctx_len), seed=cfg.seed).to(cfg.device)
@@ -106,10 +114,18 @@ def build(cfg: TrainConfig, vocab_size: int) -> nn.Module:
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     """RWKV-4 as officially: no decay on time_*, norms and the embedding; time_decay at 2x lr
-    and time_first at 3x. GPT as nanoGPT: decay on every matrix."""
+    and time_first at 3x. RWKV-7 as officially: decay on the ``.weight`` matrices (embedding,
+    projections, head; not the LoRA matrices), w0 at 2x lr. GPT as nanoGPT: decay on every matrix."""
     groups = {"decay": [], "no_decay": [], "x2": [], "x3": []}
     for name, p in model.named_parameters():
-        if name.endswith("time_decay"):
+        if cfg.arch == "rwkv7":
+            if name.endswith("att.w0"):
+                groups["x2"].append(p)
+            elif p.dim() >= 2 and name.endswith(".weight") and ".ln" not in name:
+                groups["decay"].append(p)
+            else:
+                groups["no_decay"].append(p)
+        elif name.endswith("time_decay"):
             groups["x2"].append(p)
         elif name.endswith("time_first"):
             groups["x3"].append(p)
@@ -144,7 +160,7 @@ class _L2Wrap(torch.autograd.Function):
 def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, arch: str) -> torch.Tensor:
     logits, _ = model(x, return_state=False)
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-    return _L2Wrap.apply(loss, logits) if arch == "rwkv4" and torch.is_grad_enabled() else loss
+    return _L2Wrap.apply(loss, logits) if arch in RECURRENT and torch.is_grad_enabled() else loss
 
 
 class Trainer:
@@ -315,7 +331,7 @@ class Trainer:
             bar.update(1)
         bar.close()
         if self.rank == 0:
-            if cfg.arch == "rwkv4":
+            if cfg.arch in RECURRENT:
                 save_native(self.model.config, self.model.state_dict(), self.out / "model")
         result.update(n_params=self.n_params, train_seconds=self.elapsed)
         if self.world > 1:
