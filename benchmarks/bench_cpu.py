@@ -1,9 +1,10 @@
 """CPU inference speed of rwkvpy vs the official ``rwkv`` package and ``transformers``, one run.
 
-    python benchmarks/bench_cpu.py [--layers 12 --width 768 --vocab 50277] [--repeats 5]
+    python benchmarks/bench_cpu.py [--arch rwkv4|rwkv7] [--layers 12 --width 768 --vocab V] [--repeats 5]
                                    [--long-context 100000] [--compile] [--json results.json]
 
-Random weights with the shape of RWKV-4-Pile-169M by default, written to a temporary
+Random weights with the shape of RWKV-4-Pile-169M by default (``--arch rwkv7``: RWKV-7 G1 0.1B,
+vocabulary 65,536, LoRA ranks 64/64/32/128; its official peer runs in a child process), written to a temporary
 rwkvpy checkpoint, then ``rwkvpy.bench.run`` (the same code as ``rwkvpy bench --model M``):
 decode tok/s at batch 1/16/64, prefill of a 1024-token prompt, peak RSS, the memory
 bandwidth and the decode floor it implies, and the peers' figures, measured round-robin.
@@ -17,14 +18,15 @@ from pathlib import Path
 
 from rwkvpy import bench
 from rwkvpy.checkpoint import save_native
-from rwkvpy.models import RWKV4Config, random_state_dict
+from rwkvpy.models import RWKV4Config, RWKV7Config, random_state_dict
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", choices=("rwkv4", "rwkv7"), default="rwkv4")
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--width", type=int, default=768)
-    ap.add_argument("--vocab", type=int, default=50277)
+    ap.add_argument("--vocab", type=int, help="default 50277 (rwkv4), 65536 (rwkv7)")
     ap.add_argument("--kinds", default="fp32,bf16,int8")
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--prompt", type=int, default=1024)
@@ -36,7 +38,10 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
 
-    cfg = RWKV4Config(vocab_size=args.vocab, n_embd=args.width, n_layer=args.layers)
+    if args.arch == "rwkv7":
+        cfg = RWKV7Config(vocab_size=args.vocab or 65536, n_embd=args.width, n_layer=args.layers)
+    else:
+        cfg = RWKV4Config(vocab_size=args.vocab or 50277, n_embd=args.width, n_layer=args.layers)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model"
         save_native(cfg, random_state_dict(cfg, seed=0), path)

@@ -138,6 +138,39 @@ def official_tasks(pth: Path, kind: str, vocab: int, prompt, decode_tokens, repe
     return tasks
 
 
+def official_rwkv7_rates(pth: Path, kind: str, vocab: int, prompt, decode_tokens, repeats) -> dict[str, float]:
+    """The official package's RWKV-7 (it needs ``RWKV_V7_ON=1`` before import, for the whole
+    process) timed in a child process: its own warm-up and repeats, medians as tok/s. Not
+    interleaved with the other measurements, unlike everything else here."""
+    env = dict(os.environ, RWKV_V7_ON="1", RWKV_JIT_ON="1", RWKV_CUDA_ON="0")
+    out = subprocess.run([sys.executable, "-m", "rwkvpy.bench", "official-rwkv7", str(pth), OFFICIAL_STRATEGY[kind],
+                          str(vocab), str(prompt), str(decode_tokens), str(repeats)],
+                         capture_output=True, text=True, check=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@torch.no_grad()
+def _child_official_rwkv7(pth: str, strategy: str, vocab: str, prompt: str, decode_tokens: str, repeats: str) -> None:
+    from rwkv.model import RWKV
+
+    model = RWKV(pth.removesuffix(".pth"), strategy)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, int(vocab), (int(prompt),), generator=g).tolist()
+    _, state = model.forward(ids[:8], None)
+    n = int(decode_tokens)
+
+    def decode():
+        s = [t.clone() for t in state]  # its forward updates the state in place
+        for t in ids[8: 8 + n]:
+            _, s = model.forward([t], s)
+
+    name = f"official {strategy}"
+    rates = {f"{name} decode batch 1": n / median_time(decode, int(repeats))}
+    if strategy == "cpu fp32":
+        rates[f"{name} prefill {prompt}"] = int(prompt) / median_time(lambda: model.forward(ids, None), int(repeats))
+    print(json.dumps(rates))
+
+
 def hf_tasks(folder: Path, kind: str, vocab: int, prompt, decode_tokens, repeats, g) -> list[Task]:
     from transformers import RwkvForCausalLM
 
@@ -207,7 +240,8 @@ def _child_long_context_rss(path: str, kind: str, *targets: str) -> None:
         print(current_rss(), flush=True)
 
 
-_CHILDREN = {"peak-rss": _child_peak_rss, "long-context-rss": _child_long_context_rss}
+_CHILDREN = {"peak-rss": _child_peak_rss, "long-context-rss": _child_long_context_rss,
+             "official-rwkv7": _child_official_rwkv7}
 
 
 def _fresh_process(child: str, *args) -> list[str]:
@@ -232,9 +266,22 @@ def run(path, kinds=("fp32", "bf16", "int8"), batches=(1, 16, 64), prompt: int =
     for kind in kinds:
         t, per_token[kind] = rwkvpy_tasks(path, kind, batches, prompt, decode_tokens, repeats, g, compiled)
         tasks += t
+    child_rates: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        if peers:
-            cfg, sd, _ = read_checkpoint(path)
+        cfg, sd, _ = read_checkpoint(path)
+        if peers and cfg.arch == "rwkv7":
+            try:
+                import rwkv  # noqa: F401
+
+                write_checkpoint(cfg, sd, Path(tmp) / "model.pth", "pth")
+                for kind in kinds:
+                    if kind in ("fp32", "bf16"):  # its RWKV-7 runs fp32, bf16 and fp16 only
+                        log(f"official rwkv package, RWKV-7, {kind}: timed in a child process")
+                        child_rates.update(official_rwkv7_rates(Path(tmp) / "model.pth", kind, cfg.vocab_size,
+                                                                prompt, decode_tokens, repeats))
+            except ImportError:
+                log("official rwkv package not installed: skipped")
+        elif peers:
             try:
                 import rwkv  # noqa: F401
 
@@ -255,7 +302,7 @@ def run(path, kinds=("fp32", "bf16", "int8"), batches=(1, 16, 64), prompt: int =
                                           repeats, g)
             except ImportError:
                 log("transformers not installed: skipped")
-            del sd
+        del sd
         for task in tasks:
             task.fn()  # warm-up
         rounds = max(t.repeats for t in tasks)
@@ -266,7 +313,7 @@ def run(path, kinds=("fp32", "bf16", "int8"), batches=(1, 16, 64), prompt: int =
                     task.fn()
                     task.times.append(time.perf_counter() - t0)
 
-    rates = {t.name: t.rate for t in tasks}
+    rates = {**{t.name: t.rate for t in tasks}, **child_rates}
     result = {"machine": info, "bandwidth_gbs": bandwidth / 1e9, "prompt": prompt, "repeats": repeats,
               "tok_s": rates, "bytes_per_token": per_token, "floor_tok_s": {}, "ratios": {}, "peak_rss_mib": {}}
     for kind in kinds:

@@ -19,7 +19,8 @@ Forms, all ``(r, log_w, k, v, alpha, beta) of shape (B, T, H, N), S (B, H, N, N)
     wkv7_chunked    the parallel form: within a chunk of L tokens the product of transitions is
                     written in WY form, diag(Gamma_t) (I + sum_s z_s (beta_s / Gamma_s)^T), its
                     vectors found by one unit-lower-triangular solve per chunk; all chunks at
-                    once, then one small product per chunk carries the state.
+                    once, then two small products per chunk carry the state (O(L N^2) each,
+                    never an N x N by N x N product).
 
 The cumulative decays Gamma_t = prod_{i<=t} w_i appear only as ratios Gamma_t / Gamma_s with
 s <= t (<= 1), each computed as exp(c_t - m) exp(m - c_s) with m the log-decay at the middle of
@@ -94,18 +95,21 @@ def wkv7_chunked(r: Tensor, log_w: Tensor, k: Tensor, v: Tensor, alpha: Tensor, 
     rhs = torch.cat([alpha_dec, Mk @ v], dim=-1)
     WU = torch.linalg.solve_triangular(eye - M, rhs, upper=False, unitriangular=True)
     W, U = WU[..., :N], WU[..., N:]
-    # y = E S0^T + Fy;  S_end = S0 G + J
+    # y = E S0^T + Fy;  S_end = S0 diag(Gamma_L) + H^T (beta Gamma_L / Gamma) + V^T (k Gamma_L / Gamma)
     E = r_dec + Qb @ W
     Fy = Qb @ U + Qk @ v
     to_end = torch.exp(c_end - c)  # Gamma_L / Gamma_s <= 1
-    beta_end, k_end = beta * to_end, k * to_end
-    G = torch.diag_embed(torch.exp(c_end[..., 0, :])) + W.transpose(-1, -2) @ beta_end
-    J = U.transpose(-1, -2) @ beta_end + v.transpose(-1, -2) @ k_end
+    beta_end = beta * to_end
+    J = v.transpose(-1, -2) @ (k * to_end)  # (B, H, n, N_v, N_k)
+    EW = torch.cat([E, W], dim=-2)  # one product with S per chunk gives y and H
+    decay_end = torch.exp(c_end)  # (B, H, n, 1, N_k): scales the state's key columns
 
     ys = []
     for i in range(E.shape[2]):
-        ys.append(E[:, :, i] @ S.transpose(-1, -2) + Fy[:, :, i])
-        S = S @ G[:, :, i] + J[:, :, i]
-    y = torch.stack(ys, 2)  # (B, H, n, L, N)
+        yh = EW[:, :, i] @ S.transpose(-1, -2)  # (B, H, 2L, N_v)
+        ys.append(yh[..., :L, :])
+        h = yh[..., L:, :] + U[:, :, i]  # h_t = S_{t-1} alpha_t, (B, H, L, N_v)
+        S = S * decay_end[:, :, i] + h.transpose(-1, -2) @ beta_end[:, :, i] + J[:, :, i]
+    y = torch.stack(ys, 2) + Fy  # (B, H, n, L, N)
     y = y.permute(0, 2, 3, 1, 4).reshape(B, -1, H, N)
     return (y[:, :T] if pad else y), S
