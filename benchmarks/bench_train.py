@@ -1,4 +1,4 @@
-"""Training speed on this machine: rwkvpy RWKV-4 vs the GPT baseline vs Hugging Face, same run.
+"""Training speed on this machine: rwkvpy RWKV-4 and RWKV-7 vs the GPT baseline vs Hugging Face, same run.
 
     python benchmarks/bench_train.py [--steps 10] [--compile]
 
@@ -18,9 +18,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from rwkvpy.models import RWKV4Config, build_model
+from rwkvpy.models import RWKV4Config, RWKV7Config, build_model, official_init
 from rwkvpy.models.gpt import GPT, GPTConfig
-from rwkvpy.models.rwkv4 import official_init
 
 # GPT heads: nanoGPT's CPU setting has 4 (as experiments/nanogpt_cpu.py); 6 x 512: heads of 64.
 SIZES = {"nanogpt-cpu": dict(n_layer=4, n_embd=128, n_head=4, ctx=64, batch=12),
@@ -62,7 +61,9 @@ def models(size: dict, compile_ours: bool):
     from transformers import GPT2Config, GPT2LMHeadModel, RwkvConfig, RwkvForCausalLM
 
     cfg = RWKV4Config(vocab_size=V, n_embd=C, n_layer=L, dim_ffn=int(3.5 * C))
+    cfg7 = RWKV7Config(vocab_size=V, n_embd=C, n_layer=L)  # heads of 64, 4x FFN, the official LoRA ranks
     for label, model in (("rwkvpy RWKV-4", build_model(cfg, official_init(cfg)).train()),
+                         ("rwkvpy RWKV-7", build_model(cfg7, official_init(cfg7)).train()),
                          ("rwkvpy GPT", GPT(GPTConfig(V, L, H, C, ctx)).train())):
         run = torch.compile(model) if compile_ours else model
         yield label, model, lambda m, x, run=run: run(x, return_state=False)[0]  # as the trainer
@@ -103,9 +104,9 @@ def main() -> None:
             rate = rates[label] = size["batch"] * size["ctx"] / statistics.median(times[label])
             floor = gflops * 1e9 / (6 * n)
             print(f"{label:22s} {n:>10,} params {rate:9.0f} tok/s  {rate / floor:6.1%} of matmul floor")
-        ours = rates["rwkvpy RWKV-4"]
-        for peer in ("rwkvpy GPT", "HF RwkvForCausalLM", "HF GPT-2"):
-            print(f"rwkvpy RWKV-4 / {peer}: x{ours / rates[peer]:.3f}")
+        for ours in ("rwkvpy RWKV-4", "rwkvpy RWKV-7"):
+            for peer in ("rwkvpy GPT", "HF RwkvForCausalLM", "HF GPT-2"):
+                print(f"{ours} / {peer}: x{rates[ours] / rates[peer]:.3f}")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
-"""RWKV-4 vs the GPT baseline at nanoGPT's CPU setting on tinyshakespeare (byte level).
+"""RWKV-4, RWKV-7 and the GPT baseline at nanoGPT's CPU setting on tinyshakespeare (byte level).
 
     python experiments/nanogpt_cpu.py --data ../shared/data/tinyshakespeare.txt [--out runs/nanogpt_cpu]
-                                      [--precision fp32|bf16|auto] [--archs rwkv4,gpt]
+                                      [--precision fp32|bf16|auto] [--archs rwkv4,rwkv7,gpt]
 
 nanoGPT's setting: 4 layers, width 128, context 64, batch 12, 2000 iterations, lr 1e-3 with
 warm-up 100 and cosine decay to 1e-4, no dropout; nanoGPT reports 1.88 nats/char for its GPT.
-RWKV-4's FFN is 3.5x wide (448) so that both have 12 * 128^2 weights per layer. Writes each
+RWKV-4's FFN is 3.5x wide (448) so that both have 12 * 128^2 weights per layer; RWKV-7 (two
+heads of 64, the official LoRA ranks 32/32/32/64) has a 2.75x FFN (352): parameters within 1%. Writes each
 run's log, a combined plot (against steps and against wall-clock), and prints a table.
 """
 
@@ -24,6 +25,9 @@ SETTING = dict(n_layer=4, n_embd=128, n_head=4, ctx_len=64, batch_size=12, max_i
                eval_windows=480, seed=1337)
 
 
+FFN = {"rwkv4": 448, "rwkv7": 352}  # equal parameter counts (within 1%) with the GPT
+
+
 def val_at(rows, seconds):
     """Validation loss reached by ``seconds`` of training (interpolated between evaluations)."""
     pts = [(float(r["elapsed_s"]), float(r["val_loss"])) for r in rows if r.get("val_loss")]
@@ -37,12 +41,12 @@ def main():
     ap.add_argument("--out", default="runs/nanogpt_cpu")
     ap.add_argument("--plot", default="docs/img/nanogpt_cpu.png")
     ap.add_argument("--precision", default="fp32", help="fp32 (the recorded runs), bf16 or auto")
-    ap.add_argument("--archs", default="rwkv4,gpt")
+    ap.add_argument("--archs", default="rwkv4,rwkv7,gpt")
     args = ap.parse_args()
     results, logs = {}, {}
     for arch in args.archs.split(","):
         cfg = TrainConfig(data=args.data, out_dir=f"{args.out}/{arch}", arch=arch, precision=args.precision,
-                          dim_ffn=448 if arch == "rwkv4" else None, **SETTING)
+                          dim_ffn=FFN.get(arch), **SETTING)
         trainer = Trainer(cfg)
         r = trainer.fit()
         logs[arch] = trainer.read_log()

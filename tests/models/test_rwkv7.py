@@ -203,3 +203,24 @@ def test_state_tuned_files_start_generation_and_chat(tmp_path):
     write_pth(tuned, tmp_path / "bad.pth")
     with pytest.raises(RwkvpyError, match=r"time_state' has shape \(2, 16, 8\), expected \(2, 16, 16\)"):
         load_initial_state(tmp_path / "bad.pth", model)
+
+
+# int8: the one-row kernel may be torch's int8 weight kernel, which computes in bf16 (the
+# planner accepts it within bf16 bounds), while prefill dequantizes to fp32: the forms then
+# differ by bf16 rounding, and each is compared with fp32.
+@pytest.mark.parametrize("kwargs,tol,forms_tol", [(dict(dtype="bf16"), 0.05, 1e-3), (dict(quantize="int8"), 0.05, 0.02)])
+def test_loaded_with_planned_kernels_stays_close_to_fp32(tmp_path, kwargs, tol, forms_tol):
+    """Through rwkvpy.load: the kernel plan of this machine (checked kernels), both forms."""
+    import rwkvpy
+    from rwkvpy.checkpoint import write_pth
+
+    cfg = RWKV7Config(vocab_size=300, n_embd=64, n_layer=2, head_size=32, d_decay=8, d_aaa=8, d_mv=8, d_gate=16)
+    write_pth(random_state_dict(cfg, seed=5), tmp_path / "m.pth")
+    toks = tokens_for(cfg, B=2, T=24)
+    with torch.no_grad():
+        ref = rwkvpy.load(tmp_path / "m.pth")(toks)[0]
+        model = rwkvpy.load(tmp_path / "m.pth", **kwargs)
+        whole = model(toks)[0]
+        stepped = steps(model, toks)[0]
+    assert rel_err(whole, ref) < tol and rel_err(stepped, ref) < tol
+    assert rel_err(stepped, whole) < forms_tol

@@ -38,7 +38,7 @@ from .state import RecurrentState
 
 MAX_LOG_DECAY = math.exp(-0.5)  # log w = -e^-0.5 sigmoid(.): decay per token >= e^-0.607
 GROUP_NORM_EPS = 64e-5  # the official ln_x eps (not the default 1e-5)
-TRAIN_CHUNK_LEN = 16
+TRAIN_CHUNK_LEN = 32
 PREFILL_CHUNK_LEN = 32
 SEGMENT_LEN = 1024  # forward() runs longer sequences segment by segment: memory linear in T
 LORAS = ("w", "a", "v", "g")  # w1/w2, a1/a2, v1/v2, g1/g2

@@ -60,7 +60,7 @@ def _chunks(x: Tensor, L: int, pad: int) -> Tensor:
     B, T, H, N = x.shape
     if pad:
         x = F.pad(x, (0, 0, 0, 0, 0, pad))
-    return x.view(B, (T + pad) // L, L, H, N).permute(0, 3, 1, 2, 4)
+    return x.view(B, (T + pad) // L, L, H, N).permute(0, 3, 1, 2, 4).contiguous()  # one copy, not one per use
 
 
 def wkv7_chunked(r: Tensor, log_w: Tensor, k: Tensor, v: Tensor, alpha: Tensor, beta: Tensor,
