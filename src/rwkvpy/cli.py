@@ -178,6 +178,21 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve import Server
+
+    model, tokenizer = load_model_and_tokenizer(args)
+    name = args.model_name or Path(str(args.model)).name.removesuffix(".pth")
+    server = Server(model, tokenizer, name, host=args.host, port=args.port, chat_format=args.chat_format,
+                    api_key=args.api_key, max_streams=args.max_streams, max_queue=args.max_queue,
+                    cache_mib=args.cache_mib, prefill_chunk=args.prefill_chunk,
+                    max_prompt_tokens=args.max_prompt_tokens, log_level="info")
+    print(f"rwkvpy serve: {name} at http://{args.host}:{args.port}/v1 (max {args.max_streams} streams, "
+          f"cache {args.cache_mib} MiB)", file=sys.stderr)
+    server.run()
+    return 0
+
+
 CHAT_HELP = """commands: /reset  /save FILE  /load FILE  /regenerate  /help  /quit"""
 
 
@@ -360,6 +375,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="start (and /reset) from a saved state or an RWKV-7 state-tuned file")
     sampling_args(ch, temperature=1.0, top_p=0.3, max_tokens=500)
     ch.set_defaults(func=cmd_chat, presence_penalty=0.4, frequency_penalty=0.4, penalty_decay=0.996)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching, prefix cache)")
+    model_args(sv)
+    sv.add_argument("--model-name", help="the id clients ask for (default: the model's file or folder name)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ (401 otherwise)")
+    sv.add_argument("--chat-format", choices=list(CHAT_FORMATS), help="default: from the tokenizer (World: world)")
+    sv.add_argument("--max-streams", type=int, default=32, help="streams decoded together (default 32)")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests that may wait; beyond: 429 (default 64)")
+    sv.add_argument("--cache-mib", type=int, default=512, help="prefix state cache budget (default 512 MiB)")
+    sv.add_argument("--prefill-chunk", type=int, default=32,
+                    help="prompt tokens per prefill segment, read between decode steps (default 32)")
+    sv.add_argument("--max-prompt-tokens", type=int, default=16384)
+    sv.set_defaults(func=cmd_serve)
 
     from .train import ARCHS, PRECISIONS, TrainConfig
 

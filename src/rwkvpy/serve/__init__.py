@@ -1,0 +1,80 @@
+"""``rwkvpy serve``: an OpenAI-compatible server with continuous batching and a prefix state
+cache, over any model of :mod:`rwkvpy.models` (it sees them only through their interface)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+from .api import create_app
+from .engine import Engine, Event, Job, QueueFull
+from .metrics import Metrics
+
+
+def default_chat_format(tokenizer) -> str:
+    """World (RWKV-4 World, RWKV-7 G1) for the World vocabulary, Raven for the 20B one, else World."""
+    name = type(tokenizer).__name__.lower()
+    if "world" in name:
+        return "world"
+    if "hf" in name or "huggingface" in name:
+        return "raven"
+    return "world"
+
+
+class Server:
+    """An engine and its app; ``start()`` runs uvicorn in a thread (tests, notebooks), ``run()``
+    in the foreground (the CLI)."""
+
+    def __init__(self, model, tokenizer, model_name: str, host: str = "127.0.0.1", port: int = 8000,
+                 chat_format: str | None = None, api_key: str | None = None, max_streams: int = 32,
+                 max_queue: int = 64, cache_mib: int = 512, prefill_chunk: int = 32,
+                 max_prompt_tokens: int = 16384, log_level: str = "warning"):
+        import uvicorn
+
+        self.metrics = Metrics()
+        self.engine = Engine(model, tokenizer, max_streams=max_streams, max_queue=max_queue,
+                             cache_bytes=cache_mib << 20, prefill_chunk=prefill_chunk, metrics=self.metrics)
+        self.app = create_app(self.engine, tokenizer, model_name, chat_format or default_chat_format(tokenizer),
+                              api_key, max_prompt_tokens, self.metrics)
+        config = uvicorn.Config(self.app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=2)
+        self.uvicorn = uvicorn.Server(config)
+        self.host, self.port = host, port
+        self.thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 30) -> "Server":
+        self.engine.start()
+        self.thread = threading.Thread(target=self.uvicorn.run, name="rwkvpy-http", daemon=True)
+        self.thread.start()
+        deadline = time.time() + timeout
+        while not self.uvicorn.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"the server did not start on {self.url}")
+            time.sleep(0.02)
+        return self
+
+    def run(self) -> None:
+        self.engine.start()
+        try:
+            self.uvicorn.run()
+        finally:
+            self.engine.stop()
+
+    def stop(self) -> None:
+        self.uvicorn.should_exit = True
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+        self.engine.stop()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+__all__ = ["Server", "Engine", "Job", "Event", "QueueFull", "create_app", "free_port", "default_chat_format"]

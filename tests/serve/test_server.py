@@ -1,0 +1,295 @@
+"""The OpenAI-compatible server, through the real ``openai`` client (and raw HTTP where the
+client would hide what is checked) against a real uvicorn on a free port of 127.0.0.1."""
+
+import concurrent.futures as cf
+import json
+import time
+from dataclasses import dataclass
+
+import httpx
+import pytest
+import torch
+from torch import Tensor
+
+import rwkvpy
+from rwkvpy.loading import default_model_path
+from rwkvpy.models.base import ModelBase
+from rwkvpy.models.state import RecurrentState
+from rwkvpy.serve import Server, free_port
+from rwkvpy.tokenizers import tokenizer_for_model
+
+openai = pytest.importorskip("openai")
+NAME = "shakespeare"
+
+
+def start(model=None, **kw) -> Server:
+    model = model or rwkvpy.load(default_model_path())
+    return Server(model, tokenizer_for_model(256), NAME, port=free_port(), **kw).start()
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = start()
+    yield srv
+    srv.stop()
+
+
+def client(srv, **kw):
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
+
+
+def complete(srv, prompt, **kw):
+    kw = {"max_tokens": 24, "temperature": 0, **kw}
+    return client(srv).completions.create(model=NAME, prompt=prompt, **kw)
+
+
+def stream_completion(srv, prompt, **kw):
+    kw = {"max_tokens": 24, "temperature": 0, **kw}
+    chunks = list(client(srv).completions.create(model=NAME, prompt=prompt, stream=True,
+                                                 stream_options={"include_usage": True}, **kw))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    usage = [c.usage for c in chunks if c.usage is not None]
+    return text, finishes, usage, chunks
+
+
+def metric(srv, name: str) -> float:
+    for line in httpx.get(srv.url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise KeyError(name)
+
+
+def test_models_and_health(server):
+    assert [m.id for m in client(server).models.list().data] == [NAME]
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=0), dict(temperature=0.9, top_p=0.9, seed=5)])
+def test_streamed_text_equals_non_streamed_and_usage_is_exact(server, kw):
+    prompt = "ROMEO:\nWhat light"
+    whole = complete(server, prompt, **kw)
+    text, finishes, usage, chunks = stream_completion(server, prompt, **kw)
+    assert text == whole.choices[0].text and len(text) > 0
+    assert finishes == [whole.choices[0].finish_reason] == ["length"]
+    assert len(usage) == 1 and chunks[-1].usage is not None  # the usage chunk comes last
+    assert usage[0].prompt_tokens == whole.usage.prompt_tokens == len(prompt.encode())
+    assert usage[0].completion_tokens == whole.usage.completion_tokens == 24  # bytes: a token each
+    assert usage[0].total_tokens == len(prompt.encode()) + 24
+
+
+def test_chat_streamed_equals_non_streamed(server):
+    msgs = [{"role": "system", "content": "Speak plainly."}, {"role": "user", "content": "Who goes there?"}]
+    c = client(server)
+    whole = c.chat.completions.create(model=NAME, messages=msgs, max_tokens=30, temperature=0)
+    chunks = list(c.chat.completions.create(model=NAME, messages=msgs, max_tokens=30, temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == whole.choices[0].message.content
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices[0].finish_reason] == \
+        [whole.choices[0].finish_reason]
+
+
+def test_concurrent_greedy_requests_each_return_what_they_return_alone(server):
+    prompts = [f"{name}:\n" for name in ("ROMEO", "JULIET", "KING", "FIRST CITIZEN", "MENENIUS", "HAMLET",
+                                          "NURSE", "CLOWN")] * 4  # 32 requests
+    prompts = [p + "O " * (i % 5) for i, p in enumerate(prompts)]
+    alone = [complete(server, p, max_tokens=16).choices[0].text for p in prompts[:8]]
+    with cf.ThreadPoolExecutor(32) as pool:
+        together = list(pool.map(lambda p: complete(server, p, max_tokens=16).choices[0].text, prompts))
+    alone += [complete(server, p, max_tokens=16).choices[0].text for p in prompts[8:]]
+    assert together == alone
+
+
+def test_stop_strings_split_across_tokens_are_never_emitted(server):
+    free = complete(server, "ROMEO:", max_tokens=40).choices[0].text
+    stop = free[10:13]  # three bytes: three tokens of this byte-level model
+    cut = complete(server, "ROMEO:", max_tokens=40, stop=[stop])
+    assert cut.choices[0].text == free[: free.index(stop)] and cut.choices[0].finish_reason == "stop"
+    text, finishes, _, _ = stream_completion(server, "ROMEO:", max_tokens=40, stop=[stop])
+    assert text == free[: free.index(stop)] and finishes == ["stop"]
+    # a tail that could start a stop string is held back, then flushed when it does not complete
+    never = free[-2:] + "\x07"
+    text, finishes, _, _ = stream_completion(server, "ROMEO:", max_tokens=40, stop=[never])
+    assert text == free and finishes == ["length"]
+
+
+def test_second_chat_turn_is_cached_and_answers_as_a_cold_server(server):
+    msgs = [{"role": "user", "content": "Good morrow, cousin."}]
+    c = client(server)
+    first = c.chat.completions.create(model=NAME, messages=msgs, max_tokens=20, temperature=0)
+    msgs += [{"role": "assistant", "content": first.choices[0].message.content},
+             {"role": "user", "content": "What news?"}]
+    warm = c.chat.completions.create(model=NAME, messages=msgs, max_tokens=20, temperature=0)
+    assert warm.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens + 20
+    cold_server = start()
+    try:
+        cold = client(cold_server).chat.completions.create(model=NAME, messages=msgs, max_tokens=20, temperature=0)
+    finally:
+        cold_server.stop()
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    assert cold.choices[0].message.content == warm.choices[0].message.content
+
+
+def test_n_choices_and_logprobs(server):
+    r = complete(server, "KING:", max_tokens=8, temperature=1.0, n=3, seed=1, logprobs=2)
+    assert [ch.index for ch in r.choices] == [0, 1, 2]
+    assert r.usage.completion_tokens == 24
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == 8 and all(v <= 0 for v in lp.token_logprobs)
+    assert all(len(t) == 2 for t in lp.top_logprobs)
+    again = complete(server, "KING:", max_tokens=8, temperature=1.0, n=3, seed=1)
+    assert [ch.text for ch in again.choices] == [ch.text for ch in r.choices]  # seeded: reproducible
+    chat = client(server).chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}],
+                                                  max_tokens=5, temperature=0, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 5 and len(content[0].top_logprobs) == 3
+    greedy_top = content[0].top_logprobs[0]
+    assert greedy_top.token == content[0].token and abs(greedy_top.logprob - content[0].logprob) < 1e-6
+
+
+@pytest.mark.parametrize("body,status,param", [
+    (b"{not json", 400, None),
+    (json.dumps({"model": NAME, "prompt": "x", "max_tokens": "many"}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": NAME, "prompt": "x", "temperature": [1]}).encode(), 400, "temperature"),
+    (json.dumps({"model": NAME}).encode(), 400, "prompt"),
+    (json.dumps({"model": "gpt-9", "prompt": "x"}).encode(), 404, "model"),
+    (json.dumps({"model": NAME, "prompt": "x" * 20000}).encode(), 400, "prompt"),
+])
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, body, status, param):
+    r = httpx.post(server.url + "/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["param"] == param
+    assert complete(server, "A", max_tokens=2).choices[0].finish_reason == "length"
+
+
+def test_unknown_fields_are_ignored(server):
+    r = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": "A", "max_tokens": 3,
+                                                          "temperature": 0, "best_of_something": 7})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_disconnect_frees_the_stream(server):
+    body = {"model": NAME, "prompt": "ROMEO:", "max_tokens": 2000, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]  # 3 chunks: data lines and blank lines
+        assert sum(1 for ln in got if ln.startswith("data:")) == 3
+        assert metric(server, "rwkvpy_requests_running") == 1
+    deadline = time.time() + 5
+    while metric(server, "rwkvpy_requests_running") != 0:
+        assert time.time() < deadline, "the stream was not freed"
+        time.sleep(0.01)
+    assert complete(server, "A", max_tokens=2).choices[0].finish_reason == "length"
+
+
+def test_queue_full_is_429_and_api_key_is_401():
+    srv = start(max_streams=1, max_queue=1, api_key="sesame")
+    try:
+        bad = client(srv, api_key="wrong")
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        assert httpx.get(srv.url + "/health").status_code == 200  # not under /v1/
+        good = client(srv, api_key="sesame")
+
+        def long(_):
+            try:
+                good.completions.create(model=NAME, prompt="A", max_tokens=300, temperature=0)
+                return 200
+            except openai.RateLimitError:
+                return 429
+
+        with cf.ThreadPoolExecutor(6) as pool:
+            codes = list(pool.map(long, range(6)))
+        assert 429 in codes and 200 in codes
+    finally:
+        srv.stop()
+
+
+# --- a scripted model: the server sees models only through their interface -----------------
+
+
+@dataclass(frozen=True)
+class ScriptState(RecurrentState):
+    x: Tensor  # (1, B, 1), unused
+    pos: Tensor
+    model_id: str = ""
+
+
+class ScriptedModel(ModelBase):
+    """Emits the bytes of ``text`` in turn, whatever it reads: multi-byte characters arrive as
+    several tokens."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.script = list(text.encode())
+        self.w = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+        self.config = type("Cfg", (), {"vocab_size": 256, "arch": "script"})()
+
+    def zero_state(self, batch_size=1):
+        return ScriptState(torch.zeros(1, batch_size, 1), torch.zeros(batch_size, dtype=torch.long), "script")
+
+    def forward(self, tokens, state=None, *, last_only=False, return_state=True):
+        tokens = self.check_tokens(tokens)
+        B, T = tokens.shape
+        state = state or self.zero_state(B)
+        pos = state.pos[:, None] + torch.arange(1, T + 1)  # position after each token
+        logits = torch.full((B, T, 256), -10.0)
+        nxt = torch.tensor(self.script)[(pos - 1) % len(self.script)]
+        logits.scatter_(-1, nxt[..., None], 10.0)
+        new = ScriptState(state.x, state.pos + T, state.model_id)
+        return (logits[:, -1:] if last_only else logits), new
+
+
+def test_multibyte_characters_split_across_tokens_arrive_whole():
+    text = "héllo wörld ✓ 日本 "
+    srv = start(ScriptedModel(text))
+    try:
+        n = len(text.encode())
+        chunks = list(client(srv).completions.create(model=NAME, prompt="x", max_tokens=n, temperature=0,
+                                                     stream=True))
+        pieces = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
+        assert "".join(pieces) == text
+        assert all("\ufffd" not in p for p in pieces)
+        assert any(len(p.encode()) > 1 for p in pieces)  # multi-byte characters came in one piece
+    finally:
+        srv.stop()
+
+
+@pytest.mark.slow
+def test_soak_1000_requests_no_5xx_and_flat_memory():
+    import os
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    # A 2 MiB cache fills within the first 100 requests (two states of ~31 KB each per request):
+    # from then on memory may only hold what the budget allows.
+    srv = start(cache_mib=2)
+    try:
+        def one(i):
+            body = {"model": NAME, "prompt": f"LINE {i}:", "max_tokens": 2, "temperature": 0.8, "seed": i}
+            if i % 10 == 3:  # malformed
+                return httpx.post(srv.url + "/v1/completions", content=b"{", timeout=30,
+                                  headers={"content-type": "application/json"}).status_code
+            if i % 10 == 7:  # disconnected early
+                with httpx.stream("POST", srv.url + "/v1/completions", json={**body, "stream": True,
+                                                                              "max_tokens": 200}, timeout=30) as r:
+                    next(r.iter_lines())
+                    return r.status_code
+            return httpx.post(srv.url + "/v1/completions", json=body, timeout=30).status_code
+
+        with cf.ThreadPoolExecutor(8) as pool:
+            first = list(pool.map(one, range(100)))
+            level = rss()
+            rest = list(pool.map(one, range(100, 1000)))
+        codes = first + rest
+        assert not [c for c in codes if c >= 500]
+        assert codes.count(400) == 100
+        assert rss() <= level * 1.05
+        assert srv.engine.cache.bytes <= 2 << 20 and srv.engine.cache.entries > 0
+    finally:
+        srv.stop()
