@@ -188,7 +188,7 @@ def cmd_serve(args) -> int:
                     cache_mib=args.cache_mib, prefill_chunk=args.prefill_chunk,
                     max_prompt_tokens=args.max_prompt_tokens, log_level="info")
     print(f"rwkvpy serve: {name} at http://{args.host}:{args.port}/v1 (max {args.max_streams} streams, "
-          f"cache {args.cache_mib} MiB)", file=sys.stderr)
+          f"cache {args.cache_mib} MiB, prefill segments of {server.engine.prefill_chunk} tokens)", file=sys.stderr)
     server.run()
     return 0
 
@@ -386,8 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-streams", type=int, default=32, help="streams decoded together (default 32)")
     sv.add_argument("--max-queue", type=int, default=64, help="requests that may wait; beyond: 429 (default 64)")
     sv.add_argument("--cache-mib", type=int, default=512, help="prefix state cache budget (default 512 MiB)")
-    sv.add_argument("--prefill-chunk", type=int, default=32,
-                    help="prompt tokens per prefill segment, read between decode steps (default 32)")
+    sv.add_argument("--prefill-chunk", type=int,
+                    help="prompt tokens per prefill segment, read between decode steps (default: measured at "
+                         "start, the longest of 8-128 that costs <= 1.5 decode steps)")
     sv.add_argument("--max-prompt-tokens", type=int, default=16384)
     sv.set_defaults(func=cmd_serve)
 

@@ -23,7 +23,10 @@ NAME = "shakespeare"
 
 
 def start(model=None, **kw) -> Server:
+    """A server on a free port; segments of 32 tokens (not measured: servers compared with each
+    other must read prompts alike)."""
     model = model or rwkvpy.load(default_model_path())
+    kw = {"prefill_chunk": 32, **kw}
     return Server(model, tokenizer_for_model(256), NAME, port=free_port(), **kw).start()
 
 
@@ -58,6 +61,12 @@ def metric(srv, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise KeyError(name)
+
+
+def test_prefill_chunk_is_measured_within_its_choices():
+    from rwkvpy.serve.engine import PREFILL_CHUNKS, measure_prefill_chunk
+
+    assert measure_prefill_chunk(rwkvpy.load(default_model_path())) in PREFILL_CHUNKS
 
 
 def test_models_and_health(server):

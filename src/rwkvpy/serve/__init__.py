@@ -28,7 +28,7 @@ class Server:
 
     def __init__(self, model, tokenizer, model_name: str, host: str = "127.0.0.1", port: int = 8000,
                  chat_format: str | None = None, api_key: str | None = None, max_streams: int = 32,
-                 max_queue: int = 64, cache_mib: int = 512, prefill_chunk: int = 32,
+                 max_queue: int = 64, cache_mib: int = 512, prefill_chunk: int | None = None,
                  max_prompt_tokens: int = 16384, log_level: str = "warning"):
         import uvicorn
 

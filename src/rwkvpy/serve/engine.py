@@ -35,6 +35,36 @@ from .cache import PrefixCache
 IDLE_PREFILL_SECONDS = 0.1  # with nothing decoding, prefill this long between admissions
 
 
+PREFILL_CHUNKS = (8, 16, 32, 64, 128)
+
+
+@torch.no_grad()
+def measure_prefill_chunk(model, slack: float = 1.5) -> int:
+    """The longest prompt segment (of PREFILL_CHUNKS) that reads in at most ``slack`` times a
+    one-stream decode step on this machine: a decode turn that also reads a segment then takes
+    at most ~2.5 steps. Measured once when the engine starts (a fraction of a second)."""
+    state = model.zero_state(1)
+    tok = torch.zeros(1, dtype=torch.long, device=model.device)
+
+    def seconds(fn) -> float:
+        fn()  # warm-up
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[1]
+
+    step = seconds(lambda: model.step(tok, state))
+    best = PREFILL_CHUNKS[0]
+    for n in PREFILL_CHUNKS[1:]:
+        ids = torch.zeros(1, n, dtype=torch.long, device=model.device)
+        if seconds(lambda: model(ids, state, last_only=True)) > slack * step:
+            break
+        best = n
+    return best
+
+
 class QueueFull(RwkvpyError):
     """More requests wait than the queue holds (HTTP 429)."""
 
@@ -134,9 +164,10 @@ class Engine:
     """The model's one user. ``submit(job)`` queues a job; events arrive through ``job.emit``."""
 
     def __init__(self, model, tokenizer, max_streams: int = 32, max_queue: int = 64, cache_bytes: int = 512 << 20,
-                 prefill_chunk: int = 32, metrics=None):
+                 prefill_chunk: int | None = None, metrics=None):
         self.model, self.tokenizer = model, tokenizer
-        self.max_streams, self.max_queue, self.prefill_chunk = max_streams, max_queue, prefill_chunk
+        self.max_streams, self.max_queue = max_streams, max_queue
+        self.prefill_chunk = prefill_chunk or measure_prefill_chunk(model)
         self.cache = PrefixCache(cache_bytes)
         self.metrics = metrics
         self.vocab = model.config.vocab_size
@@ -251,20 +282,30 @@ class Engine:
         return min(ends)
 
     def _prefill(self, budget: float) -> None:
+        """Read prompt segments until ``budget`` seconds are spent. Jobs whose next segments
+        have the same length are read together, one row each (a batch of new short prompts
+        costs about one call)."""
         t0 = time.perf_counter()
         while self.prefilling:
-            job = self.prefilling[0]
-            if job.pos < len(job.prompt):
-                end = self._segments_end(job)
-                ids = torch.tensor([job.prompt[job.pos:end]], device=self.model.device)
-                logits, job.state = self.model(ids, job.state, last_only=True)
-                job.logits, job.pos = logits[0, -1], end
+            ready = [j for j in self.prefilling if j.pos >= len(j.prompt)]  # wholly cached prompts
+            if not ready:
+                spans = {job: (job.pos, self._segments_end(job)) for job in self.prefilling}
+                first = self.prefilling[0]
+                length = spans[first][1] - spans[first][0]
+                group = [j for j in self.prefilling if spans[j][1] - spans[j][0] == length][:self.max_streams]
+                ids = torch.tensor([j.prompt[spans[j][0]:spans[j][1]] for j in group], device=self.model.device)
+                state = group[0].state if len(group) == 1 else type(group[0].state).concat([j.state for j in group])
+                logits, state = self.model(ids, state, last_only=True)
+                for row, job in enumerate(group):
+                    job.state = state if len(group) == 1 else state.select(row)
+                    job.logits, job.pos = logits[row, -1], spans[job][1]
+                    if job.pos in job.checkpoints or job.pos == len(job.prompt):
+                        self.cache.insert(job.prompt[:job.pos], job.state, job.logits)
                 if self.metrics:
-                    self.metrics.prompt_tokens.inc(ids.shape[1])
-                if end in job.checkpoints or end == len(job.prompt):
-                    self.cache.insert(job.prompt[:end], job.state, job.logits)
-            if job.pos >= len(job.prompt):
-                self.prefilling.popleft()
+                    self.metrics.prompt_tokens.inc(ids.numel())
+                ready = [j for j in group if j.pos >= len(j.prompt)]
+            for job in ready:
+                self.prefilling.remove(job)
                 self._start_streams(job)
             if time.perf_counter() - t0 >= budget:
                 return

@@ -1,0 +1,171 @@
+"""Serving speed: `rwkvpy serve` in its own process, N concurrent streaming clients over loopback.
+
+    python benchmarks/bench_serve.py [--arch rwkv4|rwkv7] [--layers 12 --width 768] [--streams 1,8,32]
+                                     [--tokens 64] [--tokenizer ../shared/data/20B_tokenizer.json]
+
+Random weights with the 169M shape (vocabulary 50277, the 20B tokenizer) by default; prompts are
+random token ids (the completions API takes them), greedy decoding. Reports per stream count:
+time to first token, inter-token latency p50/p99 and total tokens/s; then time to first token
+with a cached 1,000-token prefix against an uncached one, and a decoding stream's inter-token
+latency while another request's 4,000-token prompt is read, against its p50 alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from rwkvpy.checkpoint import save_native
+from rwkvpy.models import RWKV4Config, RWKV7Config, random_state_dict
+from rwkvpy.serve import free_port
+
+NAME = "bench"
+
+
+def stream_request(url: str, prompt: list[int], max_tokens: int, timeout: float = 600) -> dict:
+    """One streaming completion; the arrival time of every chunk that carried text."""
+    body = {"model": NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    t0 = time.perf_counter()
+    times = []
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=timeout) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                if chunk["choices"] and chunk["choices"][0]["text"] is not None:
+                    times.append(time.perf_counter())
+    return {"start": t0, "times": times}
+
+
+def percentile(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def concurrent(url: str, n: int, tokens: int, vocab: int, seed: int) -> dict:
+    import random
+
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(vocab) for _ in range(16)] for _ in range(n)]
+    results = [None] * n
+
+    def run(i):
+        results[i] = stream_request(url, prompts[i], tokens)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ttft = [r["times"][0] - r["start"] for r in results]
+    itl = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
+    total = sum(len(r["times"]) for r in results)
+    return {"streams": n, "ttft_s": statistics.median(ttft), "itl_p50_s": percentile(itl, 0.5),
+            "itl_p99_s": percentile(itl, 0.99), "tok_s": total / wall}
+
+
+def ttft(url: str, prompt: list[int]) -> float:
+    r = stream_request(url, prompt, 1)
+    return r["times"][0] - r["start"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", choices=("rwkv4", "rwkv7"), default="rwkv4")
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--width", type=int, default=768)
+    ap.add_argument("--streams", default="1,8,32")
+    ap.add_argument("--tokens", type=int, default=64, help="tokens generated per stream")
+    ap.add_argument("--tokenizer", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" /
+                                               "20B_tokenizer.json"))
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    if args.arch == "rwkv7":
+        cfg = RWKV7Config(vocab_size=50277, n_embd=args.width, n_layer=args.layers)
+    else:
+        cfg = RWKV4Config(vocab_size=50277, n_embd=args.width, n_layer=args.layers)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory() as tmp:
+        save_native(cfg, random_state_dict(cfg, seed=0), Path(tmp) / "m")
+        server = subprocess.Popen([sys.executable, "-m", "rwkvpy", "serve", "--model", str(Path(tmp) / "m"),
+                                   "--tokenizer", args.tokenizer, "--model-name", NAME, "--port", str(port),
+                                   "--max-streams", "32"], stdout=subprocess.DEVNULL,
+                                  stderr=open(Path(tmp) / "server.log", "w"), env=os.environ.copy())
+        try:
+            deadline = time.time() + 300
+            while True:
+                try:
+                    if httpx.get(url + "/health", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.time() > deadline or server.poll() is not None:
+                    raise SystemExit("the server did not start")
+                time.sleep(0.2)
+            print(f"model: {cfg}")
+            print(next(ln for ln in (Path(tmp) / "server.log").read_text().splitlines()
+                       if ln.startswith("rwkvpy serve:")))
+            stream_request(url, [1, 2, 3], 4)  # warm-up
+            results = {"concurrency": [concurrent(url, int(n), args.tokens, cfg.vocab_size, seed=int(n))
+                                       for n in args.streams.split(",")]}
+            print(f"\n{'streams':>8s} {'TTFT s':>8s} {'ITL p50 ms':>11s} {'ITL p99 ms':>11s} {'tok/s':>8s}")
+            for r in results["concurrency"]:
+                print(f"{r['streams']:8d} {r['ttft_s']:8.3f} {r['itl_p50_s'] * 1e3:11.1f} "
+                      f"{r['itl_p99_s'] * 1e3:11.1f} {r['tok_s']:8.1f}")
+            one = results["concurrency"][0]["tok_s"]
+            for r in results["concurrency"][1:]:
+                print(f"tok/s with {r['streams']} streams / 1 stream: x{r['tok_s'] / one:.2f}")
+
+            import random
+
+            rng = random.Random(7)
+            prefix = [rng.randrange(cfg.vocab_size) for _ in range(1000)]
+            other = [rng.randrange(cfg.vocab_size) for _ in range(1000)]
+            stream_request(url, prefix, 1)  # its end is now cached
+            cached = statistics.median(ttft(url, prefix + [i]) for i in range(3))
+            cold = statistics.median(ttft(url, other[:-i] + [i]) for i in range(1, 4))
+            results["prefix"] = {"ttft_cached_s": cached, "ttft_uncached_s": cold, "ratio": cached / cold}
+            print(f"\nTTFT with a cached 1,000-token prefix {cached:.3f} s, uncached {cold:.3f} s: "
+                  f"x{cached / cold:.3f}")
+
+            alone = stream_request(url, [5, 6, 7], 48)
+            base = [b - a for a, b in zip(alone["times"], alone["times"][1:])]
+            long_prompt = [rng.randrange(cfg.vocab_size) for _ in range(4000)]
+            holder = {}
+            decoding = threading.Thread(target=lambda: holder.update(r=stream_request(url, [8, 9, 10], 400)))
+            decoding.start()
+            time.sleep(1.0)
+            t_long = time.perf_counter()
+            stream_request(url, long_prompt, 1)
+            t_end = time.perf_counter()
+            decoding.join()
+            times = holder["r"]["times"]
+            during = [b - a for a, b in zip(times, times[1:]) if t_long <= a <= t_end]
+            p50 = statistics.median(base)
+            p99 = percentile(during, 0.99)
+            results["prefill_interference"] = {"itl_p50_alone_s": p50, "itl_p99_during_prefill_s": p99,
+                                               "ratio": p99 / p50, "samples": len(during)}
+            print(f"ITL p99 while a 4,000-token prompt is read: {p99 * 1e3:.1f} ms ({len(during)} gaps) vs p50 "
+                  f"alone {p50 * 1e3:.1f} ms: x{p99 / p50:.2f}")
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
