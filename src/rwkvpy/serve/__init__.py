@@ -4,6 +4,7 @@ cache, over any model of :mod:`rwkvpy.models` (it sees them only through their i
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 import time
 
@@ -20,6 +21,9 @@ def default_chat_format(tokenizer) -> str:
     if "hf" in name or "huggingface" in name:
         return "raven"
     return "world"
+
+
+SWITCH_INTERVAL = 2e-4  # seconds
 
 
 class Server:
@@ -46,7 +50,15 @@ class Server:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    @staticmethod
+    def _share_the_interpreter() -> None:
+        """The engine thread gives up the GIL at every torch op and must win it back from the
+        HTTP thread: with Python's default 5 ms switch interval each of a step's ~1,000 small
+        ops can wait that long while responses are being written."""
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
+
     def start(self, timeout: float = 30) -> "Server":
+        self._share_the_interpreter()
         self.engine.start()
         self.thread = threading.Thread(target=self.uvicorn.run, name="rwkvpy-http", daemon=True)
         self.thread.start()
@@ -58,6 +70,7 @@ class Server:
         return self
 
     def run(self) -> None:
+        self._share_the_interpreter()
         self.engine.start()
         try:
             self.uvicorn.run()

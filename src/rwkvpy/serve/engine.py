@@ -39,10 +39,12 @@ PREFILL_CHUNKS = (8, 16, 32, 64, 128)
 
 
 @torch.no_grad()
-def measure_prefill_chunk(model, slack: float = 1.5) -> int:
+def measure_prefill_chunk(model, slack: float = 2.0) -> int:
     """The longest prompt segment (of PREFILL_CHUNKS) that reads in at most ``slack`` times a
-    one-stream decode step on this machine: a decode turn that also reads a segment then takes
-    at most ~2.5 steps. Measured once when the engine starts (a fraction of a second)."""
+    one-stream decode step on this machine, so that a decode turn that also reads a segment
+    takes at most ~3 steps. Where even the shortest costs more (small-row products can cost
+    several times a one-row one), the longest costing at most 1.25x the shortest: latency
+    cannot be bounded there, so prompts are at least read fast. Measured once at start."""
     state = model.zero_state(1)
     tok = torch.zeros(1, dtype=torch.long, device=model.device)
 
@@ -56,13 +58,14 @@ def measure_prefill_chunk(model, slack: float = 1.5) -> int:
         return sorted(times)[1]
 
     step = seconds(lambda: model.step(tok, state))
-    best = PREFILL_CHUNKS[0]
-    for n in PREFILL_CHUNKS[1:]:
+    costs = {}
+    for n in PREFILL_CHUNKS:
         ids = torch.zeros(1, n, dtype=torch.long, device=model.device)
-        if seconds(lambda: model(ids, state, last_only=True)) > slack * step:
+        costs[n] = seconds(lambda: model(ids, state, last_only=True))
+        if costs[n] > max(slack * step, 1.25 * costs[PREFILL_CHUNKS[0]]):
             break
-        best = n
-    return best
+    limit = max(slack * step, 1.25 * costs[PREFILL_CHUNKS[0]])
+    return max([n for n, c in costs.items() if c <= limit] or [PREFILL_CHUNKS[0]])
 
 
 class QueueFull(RwkvpyError):
