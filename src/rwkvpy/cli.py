@@ -394,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .train import ARCHS, PRECISIONS, TrainConfig
 
-    t = sub.add_parser("train", help="train a language model (RWKV-4, RWKV-7 or the GPT baseline)")
+    t = sub.add_parser("train", help="train a language model (RWKV-4, RWKV-7, RetNet or the GPT baseline)")
     t.add_argument("--data", required=True, help="a text file (bytes unless --tokenizer is given)")
     t.add_argument("--out", dest="out_dir", help="output folder (checkpoints, log.csv, curves.png, model/)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")

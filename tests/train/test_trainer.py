@@ -47,13 +47,14 @@ def run(*args, env=None, check=True):
 
 
 def train_cli(corpus, out, *extra, arch="rwkv4"):
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if not (arch != "gpt" and k == "n_head")]
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()
+             if not (arch in ("rwkv4", "rwkv7") and k == "n_head")]
     if arch == "rwkv7":
         flags.append("--head-size=8")
     return ["-m", "rwkvpy", "train", "--data", corpus, "--out", out, "--arch", arch, *flags, *extra]
 
 
-@pytest.mark.parametrize("arch", ["rwkv4", "rwkv7", "gpt"])
+@pytest.mark.parametrize("arch", ["rwkv4", "rwkv7", "retnet", "gpt"])
 def test_sigkill_then_resume_reaches_the_same_losses(tmp_path, corpus, arch):
     full, killed = tmp_path / "full", tmp_path / "killed"
     run(*train_cli(corpus, full, arch=arch))
@@ -80,7 +81,7 @@ def test_sigkill_then_resume_reaches_the_same_losses(tmp_path, corpus, arch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("arch,port", [("rwkv4", 29517), ("rwkv7", 29518)])
+@pytest.mark.parametrize("arch,port", [("rwkv4", 29517), ("rwkv7", 29518), ("retnet", 29519)])
 def test_ddp_two_processes_equal_one(tmp_path, corpus, arch, port):
     one, two = tmp_path / "one", tmp_path / "two"
     run(*train_cli(corpus, one, "--max-iters=8", arch=arch))
@@ -118,7 +119,7 @@ def test_checkpoint_survives_a_crash_mid_write(tmp_path, corpus, monkeypatch):
                                                                      "log.csv", "model"]
 
 
-@pytest.mark.parametrize("arch", ["rwkv4", "rwkv7"])
+@pytest.mark.parametrize("arch", ["rwkv4", "rwkv7", "retnet"])
 def test_outputs_and_the_trained_model_runs(tmp_path, corpus, arch):
     out = tmp_path / "run"
     run(*train_cli(corpus, out, arch=arch))
@@ -134,7 +135,7 @@ def test_outputs_and_the_trained_model_runs(tmp_path, corpus, arch):
     assert result["loss"] < math.log(256) - 1.0, result
 
 
-@pytest.mark.parametrize("arch", ["rwkv4", "rwkv7", "gpt"])
+@pytest.mark.parametrize("arch", ["rwkv4", "rwkv7", "retnet", "gpt"])
 def test_gradient_accumulation_equals_one_big_batch(tmp_path, corpus, arch):
     """Loss and gradients of one step (no clipping): linear in the batch, so they must agree.
     (Weights after AdamW would not show a missing 1/grad_accum: Adam is scale-invariant.)"""

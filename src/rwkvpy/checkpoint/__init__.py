@@ -49,7 +49,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[object, dict[str, Tensor],
     source = str(path)
     if fmt == "native":
         cfg, sd = read_native(path)
-        detect_family(sd, source)
+        if cfg.arch in ("rwkv4", "rwkv7"):  # a file that says RWKV but holds another generation
+            detect_family(sd, source)
     elif fmt == "hf":
         sd, hf_cfg = read_hf(path)
         cfg = replace(infer_config(sd, source), layer_norm_eps=hf_layer_norm_eps(hf_cfg))

@@ -9,16 +9,17 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError
-from . import rwkv4, rwkv7
+from . import retnet, rwkv4, rwkv7
 from .base import ModelBase, weights_fingerprint
 from .gpt import GPT, GPTConfig
 from .rwkv4 import RWKV4, RWKV4Config, RWKV4State
+from .retnet import RetNet, RetNetConfig, RetNetState
 from .rwkv7 import RWKV7, RWKV7Config, RWKV7State
 from .state import RecurrentState, load_state, load_state_and_metadata
 
 # The recurrent families that load from checkpoints, by the ``arch`` of their config.
-FAMILIES: dict[str, ModuleType] = {"rwkv4": rwkv4, "rwkv7": rwkv7}
-CONFIGS = {"rwkv4": RWKV4Config, "rwkv7": RWKV7Config}
+FAMILIES: dict[str, ModuleType] = {"rwkv4": rwkv4, "rwkv7": rwkv7, "retnet": retnet}
+CONFIGS = {"rwkv4": RWKV4Config, "rwkv7": RWKV7Config, "retnet": RetNetConfig}
 
 
 def family(cfg) -> ModuleType:
@@ -56,6 +57,6 @@ def official_init(cfg, seed: int = 0) -> dict[str, Tensor]:
 
 
 __all__ = ["ModelBase", "RecurrentState", "RWKV4Config", "RWKV4", "RWKV4State", "RWKV7Config", "RWKV7",
-           "RWKV7State", "GPT", "GPTConfig", "FAMILIES", "family", "config_from_dict", "build_model",
+           "RWKV7State", "RetNet", "RetNetConfig", "RetNetState", "GPT", "GPTConfig", "FAMILIES", "family", "config_from_dict", "build_model",
            "official_init", "parameter_shapes", "projections", "random_state_dict", "load_state",
            "load_state_and_metadata", "weights_fingerprint"]

@@ -28,13 +28,14 @@ from tqdm import tqdm
 from ..checkpoint import save_native
 from ..errors import RwkvpyError
 from ..io import atomic_write, atomic_write_text
-from ..models import GPT, GPTConfig, RWKV4Config, RWKV7Config, build_model, official_init
+from ..models import GPT, GPTConfig, RetNetConfig, RWKV4Config, RWKV7Config, build_model, official_init
 from ..tokenizers import load_tokenizer
 from .data import TokenData, WindowSampler, eval_starts, load_data, windows
 from .evaluate import summed_loss
 
-ARCHS = ("rwkv4", "rwkv7", "gpt")
-RECURRENT = ("rwkv4", "rwkv7")  # the families saved as checkpoints rwkvpy.load reads
+ARCHS = ("rwkv4", "rwkv7", "retnet", "gpt")
+RECURRENT = ("rwkv4", "rwkv7", "retnet")  # the families saved as checkpoints rwkvpy.load reads
+RWKV = ("rwkv4", "rwkv7")  # trained with the official L2Wrap
 PRECISIONS = ("auto", "fp32", "bf16")
 BF16_MIN_SPEEDUP = 1.15  # auto takes bf16 autocast only when the probe's step is this much faster
 LOG_FIELDS = ["step", "tokens", "lr", "train_loss", "val_loss", "val_bpb", "elapsed_s", "tokens_per_s"]
@@ -49,7 +50,7 @@ class TrainConfig:
     n_layer: int = 4
     n_embd: int = 128
     dim_ffn: int | None = None  # rwkv4, rwkv7; default 4 * n_embd
-    n_head: int = 4  # gpt
+    n_head: int = 4  # gpt, retnet
     head_size: int = 64  # rwkv7
     ctx_len: int = 64
     batch_size: int = 12  # windows per micro-batch (all processes together)
@@ -81,7 +82,7 @@ class TrainConfig:
                      "log_interval", "eval_interval", "ckpt_interval"):
             if getattr(self, name) < 1:
                 raise RwkvpyError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.arch == "gpt" and self.n_embd % self.n_head:
+        if self.arch in ("gpt", "retnet") and self.n_embd % self.n_head:
             raise RwkvpyError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
         if self.arch == "rwkv7" and self.n_embd % self.head_size:
             raise RwkvpyError(f"n_embd {self.n_embd} is not divisible by head_size {self.head_size}")
@@ -104,6 +105,9 @@ def build(cfg: TrainConfig, vocab_size: int) -> nn.Module:
     if cfg.arch in RECURRENT:
         if cfg.arch == "rwkv4":
             mcfg = RWKV4Config(vocab_size=vocab_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer, dim_ffn=cfg.dim_ffn)
+        elif cfg.arch == "retnet":
+            mcfg = RetNetConfig(vocab_size=vocab_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                                ffn_dim=cfg.dim_ffn)
         else:
             mcfg = RWKV7Config(vocab_size=vocab_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
                                head_size=cfg.head_size, dim_ffn=cfg.dim_ffn)
@@ -114,7 +118,7 @@ def build(cfg: TrainConfig, vocab_size: int) -> nn.Module:
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     """RWKV-4 as officially: no decay on time_*, norms and the embedding; time_decay at 2x lr
-    and time_first at 3x. RWKV-7 as officially: decay on the ``.weight`` matrices (embedding,
+    and time_first at 3x (RetNet likewise: decay on its matrices, not the embedding). RWKV-7 as officially: decay on the ``.weight`` matrices (embedding,
     projections, head; not the LoRA matrices), w0 at 2x lr. GPT as nanoGPT: decay on every matrix."""
     groups = {"decay": [], "no_decay": [], "x2": [], "x3": []}
     for name, p in model.named_parameters():
@@ -160,7 +164,7 @@ class _L2Wrap(torch.autograd.Function):
 def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, arch: str) -> torch.Tensor:
     logits, _ = model(x, return_state=False)
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-    return _L2Wrap.apply(loss, logits) if arch in RECURRENT and torch.is_grad_enabled() else loss
+    return _L2Wrap.apply(loss, logits) if arch in RWKV and torch.is_grad_enabled() else loss
 
 
 class Trainer:
