@@ -1,4 +1,4 @@
-"""Training speed on this machine: rwkvpy RWKV-4 and RWKV-7 vs the GPT baseline vs Hugging Face, same run.
+"""Training speed on this machine: rwkvpy RWKV-4, RWKV-7 and RetNet vs the GPT baseline vs Hugging Face, same run.
 
     python benchmarks/bench_train.py [--steps 10] [--compile]
 
@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from rwkvpy.models import RWKV4Config, RWKV7Config, build_model, official_init
+from rwkvpy.models import RetNetConfig, RWKV4Config, RWKV7Config, build_model, official_init
 from rwkvpy.models.gpt import GPT, GPTConfig
 
 # GPT heads: nanoGPT's CPU setting has 4 (as experiments/nanogpt_cpu.py); 6 x 512: heads of 64.
@@ -62,8 +62,10 @@ def models(size: dict, compile_ours: bool):
 
     cfg = RWKV4Config(vocab_size=V, n_embd=C, n_layer=L, dim_ffn=int(3.5 * C))
     cfg7 = RWKV7Config(vocab_size=V, n_embd=C, n_layer=L)  # heads of 64, 4x FFN, the official LoRA ranks
+    cfgr = RetNetConfig(vocab_size=V, n_embd=C, n_layer=L, n_head=H)  # FFN 2x: 12 C^2 per layer
     for label, model in (("rwkvpy RWKV-4", build_model(cfg, official_init(cfg)).train()),
                          ("rwkvpy RWKV-7", build_model(cfg7, official_init(cfg7)).train()),
+                         ("rwkvpy RetNet", build_model(cfgr, official_init(cfgr)).train()),
                          ("rwkvpy GPT", GPT(GPTConfig(V, L, H, C, ctx)).train())):
         run = torch.compile(model) if compile_ours else model
         yield label, model, lambda m, x, run=run: run(x, return_state=False)[0]  # as the trainer
@@ -104,7 +106,7 @@ def main() -> None:
             rate = rates[label] = size["batch"] * size["ctx"] / statistics.median(times[label])
             floor = gflops * 1e9 / (6 * n)
             print(f"{label:22s} {n:>10,} params {rate:9.0f} tok/s  {rate / floor:6.1%} of matmul floor")
-        for ours in ("rwkvpy RWKV-4", "rwkvpy RWKV-7"):
+        for ours in ("rwkvpy RWKV-4", "rwkvpy RWKV-7", "rwkvpy RetNet"):
             for peer in ("rwkvpy GPT", "HF RwkvForCausalLM", "HF GPT-2"):
                 print(f"{ours} / {peer}: x{rates[ours] / rates[peer]:.3f}")
 

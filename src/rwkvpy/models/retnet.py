@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from ..errors import RwkvpyError
 from ..ops.linear import Linear
-from ..ops.retention import decays, position_scale, retention_chunkwise, retention_parallel, retention_step, rotate
+from ..ops.retention import (decays, position_scale, retention_chunkwise, retention_parallel, retention_step, rotate,
+                             rotation)
 from .base import ModelBase, build_from_state_dict, check_positive_ints, config_from_dict
 from .state import RecurrentState
 
@@ -112,13 +113,14 @@ class Retention(nn.Module):
         self.value, self.gate = Linear(C, Cv), Linear(C, Cv)
         self.output = Linear(Cv, C)
 
-    def forward(self, x: Tensor, pos: Tensor, S: Tensor, log_gamma: Tensor, form: str):
+    def forward(self, x: Tensor, pos: Tensor, rot: tuple[Tensor, Tensor], S: Tensor, log_gamma: Tensor, form: str):
         cfg = self.cfg
         B, T, _ = x.shape
         h, dk, dv = cfg.n_head, cfg.d_k, cfg.d_v
-        q = rotate(self.query(x).view(B, T, h, dk), pos)
-        k = rotate(self.key(x).view(B, T, h, dk), pos) * dk ** -0.5
-        v = self.value(x).view(B, T, h, dv)
+        q, k, v, g = self.query(x), self.key(x), self.value(x), self.gate(x)
+        q = rotate(q.reshape(B, T, h, dk), rot)
+        k = rotate(k.reshape(B, T, h, dk), rot) * dk ** -0.5
+        v = v.reshape(B, T, h, dv)
         if T == 1:
             o, S = retention_step(q[:, 0], k[:, 0], v[:, 0], log_gamma, S)
             o = o.unsqueeze(1)
@@ -129,7 +131,7 @@ class Retention(nn.Module):
         if cfg.normalize:
             o = o * position_scale(pos, log_gamma)
         o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)  # per-head RMS norm
-        return self.output(F.silu(self.gate(x)) * o.reshape(B, T, h * dv)), S
+        return self.output(F.silu(g) * o.reshape(B, T, h * dv)), S
 
 
 class FeedForward(nn.Module):
@@ -203,9 +205,10 @@ class RetNet(ModelBase):
         T = tokens.shape[1]
         pos = state.pos[:, None] + torch.arange(T, device=tokens.device)  # (B, T) global positions
         log_gamma = self._log_gamma.to(x.device, x.dtype)
+        rot = rotation(pos, self.config.d_k, x.dtype)
         states = []
         for i, block in enumerate(self.blocks):
-            out, S = block.att(block.ln1(x), pos, state.att[i].to(x.dtype), log_gamma, form)
+            out, S = block.att(block.ln1(x), pos, rot, state.att[i].to(x.dtype), log_gamma, form)
             x = x + out
             x = x + block.ffn(block.ln2(x))
             states.append(S)

@@ -117,12 +117,20 @@ def decays(n_head: int, kind: str = "reference", dtype=torch.float64) -> Tensor:
     return torch.log(gamma).to(dtype)
 
 
-def rotate(x: Tensor, pos: Tensor, base: float = 10000.0) -> Tensor:
-    """The reference "theta shift": pairs (2i, 2i+1) of x (B, T, H, d) rotated by angle
-    pos * base^(-i / (d/2 - 1)), at the global positions ``pos`` (B, T)."""
-    d = x.shape[-1]
-    angle = 1.0 / base ** torch.linspace(0, 1, d // 2, dtype=torch.float64, device=x.device)
-    theta = (pos[..., None].double() * angle).to(x.dtype)[:, :, None, :]  # (B, T, 1, d/2)
-    sin, cos = torch.sin(theta), torch.cos(theta)
+def rotation(pos: Tensor, d: int, dtype, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """(sin, cos) of the reference "theta shift" at global positions ``pos`` (B, T): pair i of
+    a d-wide head turns by pos * base^(-i / (d/2 - 1)). (B, T, 1, d/2) each; computed once per
+    call and shared by every layer."""
+    angle = 1.0 / base ** torch.linspace(0, 1, d // 2, dtype=torch.float64, device=pos.device)
+    theta = (pos[..., None].double() * angle).to(dtype)[:, :, None, :]
+    return torch.sin(theta), torch.cos(theta)
+
+
+def rotate(x: Tensor, pos_or_rotation, base: float = 10000.0) -> Tensor:
+    """x (B, T, H, d) with its pairs (2i, 2i+1) rotated: by :func:`rotation` of positions
+    (B, T), or by a precomputed (sin, cos)."""
+    if isinstance(pos_or_rotation, Tensor):
+        pos_or_rotation = rotation(pos_or_rotation, x.shape[-1], x.dtype, base)
+    sin, cos = pos_or_rotation
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).flatten(-2)
