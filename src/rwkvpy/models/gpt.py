@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..errors import RwkvpyError
 from .base import ModelBase
+from .state import RecurrentState
 
 
 @dataclass(frozen=True)
@@ -35,12 +36,20 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: tuple[Tensor, Tensor] | None = None):
+        """x (B, T, C) -> (output, (keys, values) of every position so far, (B, nh, t, hs)).
+        ``cache``: the keys and values of the positions before x (the KV cache)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        if cache is None or cache[0].shape[2] == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
+            t0 = cache[0].shape[2]  # new position i sees every cached one and new ones up to i
+            allowed = torch.arange(t0 + T, device=x.device)[None, :] <= t0 + torch.arange(T, device=x.device)[:, None]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C)), (k, v)
 
 
 class GPTBlock(nn.Module):
@@ -52,14 +61,26 @@ class GPTBlock(nn.Module):
         self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=False)
         self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.att(self.ln1(x))
-        return x + self.proj(F.gelu(self.fc(self.ln2(x))))
+    def forward(self, x: Tensor, cache=None):
+        out, kv = self.att(self.ln1(x), cache)
+        x = x + out
+        return x + self.proj(F.gelu(self.fc(self.ln2(x)))), kv
+
+
+@dataclass(frozen=True)
+class KVCache(RecurrentState):
+    """Attention decoded as an RNN whose state grows: every layer's keys and values so far.
+    All rows of a batch are at the same position (the cache is not padded)."""
+
+    k: Tensor  # (L, B, n_head, t, head_size)
+    v: Tensor  # (L, B, n_head, t, head_size)
+    pos: Tensor  # (B,)
+    model_id: str = ""
 
 
 class GPT(ModelBase):
-    """The baseline. It answers the model interface's ``forward`` (whole windows); decoding with
-    a KV cache as its recurrent state is not built yet, so ``zero_state`` and ``step`` refuse."""
+    """The baseline, nanoGPT's design. ``forward(tokens, state)`` with a :class:`KVCache` state
+    continues a sequence (``step`` decodes one token per row), up to ``block_size`` positions."""
 
     def __init__(self, cfg: GPTConfig, seed: int = 0):
         super().__init__()
@@ -76,24 +97,44 @@ class GPT(ModelBase):
                     std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith("proj.weight") else 0.02
                     p.copy_(torch.randn(p.shape, generator=g) * std)
 
-    def forward(self, tokens: Tensor, state=None, *, last_only: bool = False,
-                return_state: bool = True) -> tuple[Tensor, None]:
-        """tokens (B, T) -> logits (B, T, V). No recurrent state: each call sees only its window."""
-        if state is not None:
-            self.zero_state()
+    @property
+    def device(self) -> torch.device:
+        return self.wte.weight.device
+
+    def forward(self, tokens: Tensor, state: KVCache | None = None, *, last_only: bool = False,
+                return_state: bool = True) -> tuple[Tensor, KVCache | None]:
+        """tokens (B, T) -> logits (B, T, V) and the KV cache after them (training windows:
+        ``return_state=False`` keeps none)."""
         tokens = self.check_tokens(tokens)
-        T = tokens.shape[1]
-        if T > self.config.block_size:
-            raise RwkvpyError(f"{T} tokens exceed the GPT's {self.config.block_size} learned positions")
-        x = self.wte(tokens) + self.wpe(torch.arange(T, device=tokens.device))
-        for block in self.blocks:
-            x = block(x)
+        B, T = tokens.shape
+        start = 0
+        if state is not None:
+            if state.batch_size != B:
+                raise RwkvpyError(f"state has batch {state.batch_size}; tokens have batch {B}")
+            if B > 1 and not bool((state.pos == state.pos[0]).all()):
+                raise RwkvpyError("a KV cache's rows must be at the same position")
+            start = int(state.pos[0]) if B else 0
+        if start + T > self.config.block_size:
+            raise RwkvpyError(f"{start + T} positions exceed the GPT's {self.config.block_size} learned positions")
+        x = self.wte(tokens) + self.wpe(torch.arange(start, start + T, device=tokens.device))
+        keys, values = [], []
+        for i, block in enumerate(self.blocks):
+            x, (k, v) = block(x, None if state is None else (state.k[i], state.v[i]))
+            keys.append(k)
+            values.append(v)
         if last_only:
             x = x[:, -1:]
-        return self.head(self.ln_f(x)), None
+        logits = self.head(self.ln_f(x))
+        if not return_state:
+            return logits, None
+        model_id = state.model_id if state is not None else self.state_id()
+        pos = (state.pos if state is not None else torch.zeros(B, dtype=torch.long, device=tokens.device)) + T
+        return logits, KVCache(torch.stack(keys), torch.stack(values), pos, model_id)
 
-    def zero_state(self, batch_size: int = 1):
-        raise RwkvpyError("the GPT baseline has no recurrent state yet: KV-cache decoding is not built")
-
-    def step(self, tokens: Tensor, state=None):
-        self.zero_state()
+    def zero_state(self, batch_size: int = 1) -> KVCache:
+        c = self.config
+        shape = (c.n_layer, batch_size, c.n_head, 0, c.n_embd // c.n_head)
+        dtype = self.wte.weight.dtype
+        return KVCache(torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype,
+                       device=self.device), torch.zeros(batch_size, dtype=torch.long, device=self.device),
+                       self.state_id())
