@@ -4,7 +4,8 @@
                                    [--long-context 100000] [--compile] [--json results.json]
 
 Random weights with the shape of RWKV-4-Pile-169M by default (``--arch rwkv7``: RWKV-7 G1 0.1B,
-vocabulary 65,536, LoRA ranks 64/64/32/128; its official peer runs in a child process), written to a temporary
+vocabulary 65,536, LoRA ranks 64/64/32/128; its official peer runs in a child process; ``--arch retnet``:
+12 x 768 with heads of 64, no peer), written to a temporary
 rwkvpy checkpoint, then ``rwkvpy.bench.run`` (the same code as ``rwkvpy bench --model M``):
 decode tok/s at batch 1/16/64, prefill of a 1024-token prompt, peak RSS, the memory
 bandwidth and the decode floor it implies, and the peers' figures, measured round-robin.
@@ -18,12 +19,12 @@ from pathlib import Path
 
 from rwkvpy import bench
 from rwkvpy.checkpoint import save_native
-from rwkvpy.models import RWKV4Config, RWKV7Config, random_state_dict
+from rwkvpy.models import RetNetConfig, RWKV4Config, RWKV7Config, random_state_dict
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", choices=("rwkv4", "rwkv7"), default="rwkv4")
+    ap.add_argument("--arch", choices=("rwkv4", "rwkv7", "retnet"), default="rwkv4")
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--width", type=int, default=768)
     ap.add_argument("--vocab", type=int, help="default 50277 (rwkv4), 65536 (rwkv7)")
@@ -40,6 +41,9 @@ def main() -> None:
 
     if args.arch == "rwkv7":
         cfg = RWKV7Config(vocab_size=args.vocab or 65536, n_embd=args.width, n_layer=args.layers)
+    elif args.arch == "retnet":  # heads of 64; no peers (no official implementation runs on a CPU)
+        cfg = RetNetConfig(vocab_size=args.vocab or 50277, n_embd=args.width, n_layer=args.layers,
+                           n_head=args.width // 64)
     else:
         cfg = RWKV4Config(vocab_size=args.vocab or 50277, n_embd=args.width, n_layer=args.layers)
     with tempfile.TemporaryDirectory() as tmp:

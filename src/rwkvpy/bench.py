@@ -281,7 +281,7 @@ def run(path, kinds=("fp32", "bf16", "int8"), batches=(1, 16, 64), prompt: int =
                                                                 prompt, decode_tokens, repeats))
             except ImportError:
                 log("official rwkv package not installed: skipped")
-        elif peers:
+        elif peers and cfg.arch == "rwkv4":
             try:
                 import rwkv  # noqa: F401
 

@@ -55,3 +55,49 @@ def test_greedy_generation_and_limits():
     assert model(ids)[0][0].argmax(-1)[1:].tolist() == gen.tokens  # each token the full forward's argmax
     with pytest.raises(RwkvpyError, match="learned positions"):
         model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def evaluations_closed_form(L: int, j: int) -> int:
+    """N_0 = 1, N_l(j) = 1 + N_{l-1}(j) + sum_{i<=j} N_{l-1}(i) (the issue's recurrence)."""
+    N = [1] * (j + 1)
+    for _ in range(L):
+        N = [1 + N[p] + sum(N[: p + 1]) for p in range(j + 1)]
+    return N[j]
+
+
+@torch.no_grad()
+def test_recompute_decoding_equals_kv_cache_and_full_forward_float64():
+    from rwkvpy.models.gpt import RecomputeDecoder
+
+    model = model64()
+    toks = torch.randint(0, 50, (1, 9), generator=torch.Generator().manual_seed(3))
+    full, _ = model(toks)
+    dec, state = RecomputeDecoder(model), None
+    for t in range(9):
+        before = dec.evaluations
+        logits = dec.step(int(toks[0, t]))
+        assert dec.evaluations - before == evaluations_closed_form(CFG.n_layer, t)  # nothing cached
+        cached, state = model.step(toks[:, t], state)
+        assert rel_err(logits, full[0, t]) < 1e-10 and rel_err(logits, cached[0]) < 1e-10
+        assert logits.argmax() == cached[0].argmax()
+    assert dec.ids == toks[0].tolist()
+
+
+@torch.no_grad()
+def test_recompute_memory_is_flat_in_t():
+    import tracemalloc
+
+    from rwkvpy.models.gpt import RecomputeDecoder
+
+    model = GPT(GPTConfig(vocab_size=50, n_layer=2, n_head=2, n_embd=16, block_size=64), seed=0).eval()
+    dec = RecomputeDecoder(model)
+    peaks = []
+    for t in range(40):
+        tracemalloc.start()
+        dec.step(t % 50)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    assert max(peaks[30:]) <= 1.2 * max(peaks[5:10]) + 4096  # flat, not growing with t
+    # tracemalloc sees Python objects, not torch's buffers: between steps the decoder holds no
+    # tensor at all, only the ids (the frames live on the stack of one step, one per layer)
+    assert not [k for k, v in vars(dec).items() if isinstance(v, torch.Tensor)] and len(dec.ids) == 40

@@ -138,3 +138,54 @@ class GPT(ModelBase):
         return KVCache(torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype,
                        device=self.device), torch.zeros(batch_size, dtype=torch.long, device=self.device),
                        self.state_id())
+
+
+class RecomputeDecoder:
+    """Attention decoded as an RNN with constant working memory (Jianlin Su, "Attention as a
+    quadratic-time RNN", 2024): it keeps only the token ids. Each new token's output at layer l
+    needs the keys and values of every earlier position at layer l, so those positions' inputs
+    are recomputed, layer by layer, from the ids; per layer one frame of running online-softmax
+    sums (m, z, y) is live at a time, so memory beyond the ids is flat in t while the number of
+    layer evaluations for position j is ``N_0 = 1, N_l(j) = 1 + N_{l-1}(j) + sum_{i<=j} N_{l-1}(i)``
+    (counted in ``evaluations``): time per token grows like t^L.
+    """
+
+    def __init__(self, model: GPT):
+        self.model = model
+        self.ids: list[int] = []
+        self.evaluations = 0
+
+    @torch.no_grad()
+    def step(self, token: int) -> Tensor:
+        """Read one token; the logits (V,) for the next."""
+        if len(self.ids) >= self.model.config.block_size:
+            raise RwkvpyError(f"the GPT has {self.model.config.block_size} learned positions")
+        self.ids.append(int(token))
+        m = self.model
+        return m.head(m.ln_f(self._hidden(len(m.blocks), len(self.ids) - 1)))
+
+    def _hidden(self, layer: int, j: int) -> Tensor:
+        """The residual stream at position j after ``layer`` blocks, (C,), from the ids alone."""
+        m = self.model
+        self.evaluations += 1
+        if layer == 0:
+            return m.wte.weight[self.ids[j]] + m.wpe.weight[j]
+        block = m.blocks[layer - 1]
+        att = block.att
+        C, nh = m.config.n_embd, m.config.n_head
+        x = self._hidden(layer - 1, j)
+        q = att.qkv(block.ln1(x))[:C].view(nh, -1)
+        scale = q.shape[-1] ** -0.5
+        # the frame: running max, normaliser and weighted value sum per head
+        mx = torch.full((nh,), float("-inf"), dtype=x.dtype)
+        z = torch.zeros(nh, dtype=x.dtype)
+        y = torch.zeros(nh, C // nh, dtype=x.dtype)
+        for i in range(j + 1):
+            _, k, v = att.qkv(block.ln1(self._hidden(layer - 1, i))).split(C)
+            s = (q * k.view(nh, -1)).sum(-1) * scale
+            new = torch.maximum(mx, s)
+            z = z * torch.exp(mx - new) + torch.exp(s - new)
+            y = y * torch.exp(mx - new)[:, None] + torch.exp(s - new)[:, None] * v.view(nh, -1)
+            mx = new
+        x = x + att.proj((y / z[:, None]).reshape(C))
+        return x + block.proj(F.gelu(block.fc(block.ln2(x))))
