@@ -162,6 +162,12 @@ def sampling_from(args) -> SamplingParams:
 def cmd_generate(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else unescape(args.prompt)
     model, tokenizer = load_model_and_tokenizer(args)
+    if args.decode == "recompute":
+        from .models.gpt import GPT, RecomputeGPT
+
+        if not isinstance(model, GPT):
+            raise RwkvpyError(f"--decode recompute is for the GPT baseline; {args.model} is {model.config.arch}")
+        model = RecomputeGPT(model)
     state = load_initial_state(args.state_in, model) if args.state_in else None
     gen = generate(model, tokenizer, prompt, state=state, params=sampling_from(args))
     t0 = time.perf_counter()
@@ -364,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--state-in", metavar="FILE",
                    help="start from a saved state, or an RWKV-7 state-tuned file (att.time_state)")
     g.add_argument("--state-out", metavar="FILE", help="save the final state")
+    g.add_argument("--decode", choices=("state", "recompute"), default="state",
+                   help="recompute: a GPT decoded from its token ids alone (attention as an RNN; time ~ t^layers)")
     g.add_argument("-v", "--verbose", action="store_true", help="print token counts and time to stderr")
     g.set_defaults(func=cmd_generate)
 

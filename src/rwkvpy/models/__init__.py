@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError
-from . import retnet, rwkv4, rwkv7
+from . import gpt, retnet, rwkv4, rwkv7
 from .base import ModelBase, weights_fingerprint
 from .gpt import GPT, GPTConfig
 from .rwkv4 import RWKV4, RWKV4Config, RWKV4State
@@ -17,9 +17,9 @@ from .retnet import RetNet, RetNetConfig, RetNetState
 from .rwkv7 import RWKV7, RWKV7Config, RWKV7State
 from .state import RecurrentState, load_state, load_state_and_metadata
 
-# The recurrent families that load from checkpoints, by the ``arch`` of their config.
-FAMILIES: dict[str, ModuleType] = {"rwkv4": rwkv4, "rwkv7": rwkv7, "retnet": retnet}
-CONFIGS = {"rwkv4": RWKV4Config, "rwkv7": RWKV7Config, "retnet": RetNetConfig}
+# The families that load from checkpoints, by the ``arch`` of their config.
+FAMILIES: dict[str, ModuleType] = {"rwkv4": rwkv4, "rwkv7": rwkv7, "retnet": retnet, "gpt": gpt}
+CONFIGS = {"rwkv4": RWKV4Config, "rwkv7": RWKV7Config, "retnet": RetNetConfig, "gpt": GPTConfig}
 
 
 def family(cfg) -> ModuleType:

@@ -1,5 +1,7 @@
 """A small GPT baseline (pre-norm decoder, learned positions, causal SDPA), as in nanoGPT,
-for like-for-like comparisons under the same trainer."""
+for like-for-like comparisons under the same trainer, and attention decoded as an RNN: with a
+KV cache (``GPT.step``) or by recomputation from the token ids (``RecomputeDecoder``,
+``RecomputeGPT``). Its projections are plain ``nn.Linear``: no kernel plan, no int8."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import RwkvpyError
-from .base import ModelBase
+from .base import ModelBase, build_from_state_dict, check_positive_ints, config_from_dict
 from .state import RecurrentState
 
 
@@ -25,8 +27,17 @@ class GPTConfig:
 
     arch = "gpt"
 
+    def __post_init__(self):
+        check_positive_ints(self, ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"))
+        if self.n_embd % self.n_head:
+            raise RwkvpyError(f"config: n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+
     def to_dict(self):
         return {"arch": self.arch, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d) -> "GPTConfig":
+        return config_from_dict(cls, d)
 
 
 class Attention(nn.Module):
@@ -82,7 +93,9 @@ class GPT(ModelBase):
     """The baseline, nanoGPT's design. ``forward(tokens, state)`` with a :class:`KVCache` state
     continues a sequence (``step`` decodes one token per row), up to ``block_size`` positions."""
 
-    def __init__(self, cfg: GPTConfig, seed: int = 0):
+    def __init__(self, cfg: GPTConfig, seed: int | None = 0):
+        """``seed``: nanoGPT's initialisation with that seed; None leaves the weights to be
+        loaded (``build_model``)."""
         super().__init__()
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
@@ -90,6 +103,8 @@ class GPT(ModelBase):
         self.blocks = nn.ModuleList([GPTBlock(cfg) for _ in range(cfg.n_layer)])
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if seed is None:
+            return
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():  # nanoGPT's init: N(0, 0.02), residual projections scaled by depth
             for name, p in self.named_parameters():
@@ -189,3 +204,79 @@ class RecomputeDecoder:
             mx = new
         x = x + att.proj((y / z[:, None]).reshape(C))
         return x + block.proj(F.gelu(block.fc(block.ln2(x))))
+
+
+@dataclass(frozen=True)
+class RecomputeState(RecurrentState):
+    """All a recomputing decoder keeps: the token ids read so far."""
+
+    ids: Tensor  # (1, B, t) int64
+    pos: Tensor  # (B,)
+    model_id: str = ""
+
+
+class RecomputeGPT(ModelBase):
+    """A GPT answering the model interface through :class:`RecomputeDecoder` (one stream, one
+    token at a time: ``rwkvpy generate --decode recompute``). Its state holds only the ids."""
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.gpt = model
+        self.config = model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.gpt.device
+
+    def zero_state(self, batch_size: int = 1) -> RecomputeState:
+        if batch_size != 1:
+            raise RwkvpyError("the recomputing decoder runs one stream")
+        return RecomputeState(torch.zeros(1, 1, 0, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+                              self.gpt.state_id())
+
+    @torch.no_grad()
+    def forward(self, tokens: Tensor, state: RecomputeState | None = None, *, last_only: bool = False,
+                return_state: bool = True):
+        tokens = self.check_tokens(tokens)
+        if tokens.shape[0] != 1:
+            raise RwkvpyError("the recomputing decoder runs one stream")
+        state = state or self.zero_state(1)
+        dec = RecomputeDecoder(self.gpt)
+        dec.ids = state.ids[0, 0].tolist()
+        rows = [dec.step(t) for t in tokens[0].tolist()]
+        logits = torch.stack(rows[-1:] if last_only else rows)[None]
+        new = RecomputeState(torch.tensor(dec.ids, dtype=torch.long)[None, None], state.pos + tokens.shape[1],
+                             state.model_id)
+        return logits, (new if return_state else None)
+
+
+PROJECTIONS: tuple[str, ...] = ()  # plain nn.Linear: nothing for the planner or int8
+
+
+def parameter_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
+    C, V = cfg.n_embd, cfg.vocab_size
+    shapes = {"wte.weight": (V, C), "wpe.weight": (cfg.block_size, C)}
+    for i in range(cfg.n_layer):
+        p = f"blocks.{i}."
+        shapes.update({p + "ln1.weight": (C,), p + "ln1.bias": (C,), p + "att.qkv.weight": (3 * C, C),
+                       p + "att.proj.weight": (C, C), p + "ln2.weight": (C,), p + "ln2.bias": (C,),
+                       p + "fc.weight": (4 * C, C), p + "proj.weight": (C, 4 * C)})
+    shapes.update({"ln_f.weight": (C,), "ln_f.bias": (C,), "head.weight": (V, C)})
+    return shapes
+
+
+def build_model(cfg: GPTConfig, sd: dict[str, Tensor], dtype=torch.float32, device="cpu",
+                quantize: str | None = None) -> GPT:
+    if quantize:
+        raise RwkvpyError("the GPT baseline has no int8 form")
+    return build_from_state_dict(lambda: GPT(cfg, seed=None), sd, PROJECTIONS, lambda key, t: t.dim() == 2,
+                                 dtype, device)
+
+
+def official_init(cfg: GPTConfig, seed: int = 0) -> dict[str, Tensor]:
+    """nanoGPT's initialisation (as ``GPT(cfg, seed)``)."""
+    return {k: v.clone() for k, v in GPT(cfg, seed=seed).state_dict().items()}
+
+
+def random_state_dict(cfg: GPTConfig, seed: int = 0, dtype=torch.float32) -> dict[str, Tensor]:
+    return {k: v.to(dtype) for k, v in official_init(cfg, seed).items()}

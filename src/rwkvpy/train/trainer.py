@@ -34,7 +34,7 @@ from .data import TokenData, WindowSampler, eval_starts, load_data, windows
 from .evaluate import summed_loss
 
 ARCHS = ("rwkv4", "rwkv7", "retnet", "gpt")
-RECURRENT = ("rwkv4", "rwkv7", "retnet")  # the families saved as checkpoints rwkvpy.load reads
+RECURRENT = ("rwkv4", "rwkv7", "retnet")  # built from a family's official_init
 RWKV = ("rwkv4", "rwkv7")  # trained with the official L2Wrap
 PRECISIONS = ("auto", "fp32", "bf16")
 BF16_MIN_SPEEDUP = 1.15  # auto takes bf16 autocast only when the probe's step is this much faster
@@ -334,9 +334,8 @@ class Trainer:
                 self.save_checkpoint()
             bar.update(1)
         bar.close()
-        if self.rank == 0:
-            if cfg.arch in RECURRENT:
-                save_native(self.model.config, self.model.state_dict(), self.out / "model")
+        if self.rank == 0:  # the trained model, which rwkvpy.load reads back (every arch)
+            save_native(self.model.config, self.model.state_dict(), self.out / "model")
         result.update(n_params=self.n_params, train_seconds=self.elapsed)
         if self.world > 1:
             torch.distributed.barrier()  # rank 0 may still be writing
