@@ -213,6 +213,8 @@ def test_queue_full_is_429_and_api_key_is_401():
         with cf.ThreadPoolExecutor(6) as pool:
             codes = list(pool.map(long, range(6)))
         assert 429 in codes and 200 in codes
+        with pytest.raises(openai.BadRequestError):  # more choices than streams would wait forever
+            good.completions.create(model=NAME, prompt="A", max_tokens=2, n=2)
     finally:
         srv.stop()
 

@@ -180,6 +180,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, chat_format: str = "w
                            param="model", code="model_not_found")
 
     def sampling(req: _Common, max_tokens: int, stop_strings: tuple[str, ...]) -> SamplingParams:
+        if req.n > engine.max_streams:
+            raise ApiError(400, f"n: {req.n} choices exceed this server's {engine.max_streams} streams", param="n")
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if any(not s for s in stops):
             raise ApiError(400, "stop: empty strings are not allowed", param="stop")
