@@ -205,10 +205,11 @@ def test_state_tuned_files_start_generation_and_chat(tmp_path):
         load_initial_state(tmp_path / "bad.pth", model)
 
 
-# int8: the one-row kernel may be torch's int8 weight kernel, which computes in bf16 (the
-# planner accepts it within bf16 bounds), while prefill dequantizes to fp32: the forms then
-# differ by bf16 rounding, and each is compared with fp32.
-@pytest.mark.parametrize("kwargs,tol,forms_tol", [(dict(dtype="bf16"), 0.05, 1e-3), (dict(quantize="int8"), 0.05, 0.02)])
+# The plan may give one rows class a kernel that computes in bf16 (torch's int8 weight kernel;
+# a bf16 product for bf16 weights: the input rounded to 8 mantissa bits, accepted by the planner
+# within bf16 bounds) and another a wider one, as it measures on the machine that runs: the
+# forms then differ by bf16 rounding (3e-3 seen), and each is compared with fp32.
+@pytest.mark.parametrize("kwargs,tol,forms_tol", [(dict(dtype="bf16"), 0.05, 0.02), (dict(quantize="int8"), 0.05, 0.02)])
 def test_loaded_with_planned_kernels_stays_close_to_fp32(tmp_path, kwargs, tol, forms_tol):
     """Through rwkvpy.load: the kernel plan of this machine (checked kernels), both forms."""
     import rwkvpy
