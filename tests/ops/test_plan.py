@@ -151,3 +151,41 @@ def test_planned_and_safe_models_agree(kw, tol):
     a, b = logits_both_forms(safe, tokens), logits_both_forms(planned, tokens)
     for x, y in zip(a, b):
         assert rel_err(y, x) < tol
+
+
+def test_the_int8_kernel_never_gets_a_misaligned_weight(tmp_path):
+    """torch 2.13's int8 weight kernel segfaults on a weight not 64-byte aligned, which a tensor
+    memory-mapped from a safetensors file usually is (found loading an int8 RWKV-7). Run in a
+    subprocess: a regression crashes the child, not the test run."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from rwkvpy.checkpoint import save_native
+    from rwkvpy.ops.quant import quantize_state_dict
+    from rwkvpy.models import projections
+
+    cfg = RWKV4Config(vocab_size=256, n_embd=128, n_layer=2)
+    save_native(cfg, quantize_state_dict(random_state_dict(cfg, seed=3), projections(cfg)), tmp_path / "m")
+    child = textwrap.dedent(f"""
+        import torch, rwkvpy
+        from rwkvpy.ops import plan
+        from rwkvpy.ops.linear import Int8Linear
+        # the kernel itself, on a weight 8 bytes off alignment: the dequantizing product instead
+        big = torch.randint(-127, 128, (64 * 128 + 8,), dtype=torch.int8)
+        q = big[8:].view(64, 128)
+        assert q.data_ptr() % 64
+        x, s = torch.randn(5, 128), torch.rand(64)
+        y = plan.int8_packed(x, q, s.bfloat16())
+        ref = plan.int8_dequantized(x, q, s.bfloat16())
+        assert torch.equal(y, ref)
+        # a mapped int8 checkpoint: every projection that may take the kernel holds an aligned weight
+        model = rwkvpy.load({str(tmp_path / "m")!r})
+        for m in model.modules():
+            if isinstance(m, Int8Linear) and plan.int8_packed in m.kernels:
+                assert m.weight.data_ptr() % 64 == 0
+        model(torch.randint(0, 256, (3, 7)))
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.returncode, r.stderr[-2000:])

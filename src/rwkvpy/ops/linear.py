@@ -154,5 +154,7 @@ def plan_projections(model: nn.Module, planner_: planner.Planner | None = None,
             if w.dtype != m.weight.dtype or w.stride() != m.weight.stride():
                 m.checkpoint_dtype = m.checkpoint_dtype or m.weight.dtype
                 m.weight = nn.Parameter(w, requires_grad=m.weight.requires_grad)
+        elif "int8_packed" in choice.kernels and m.weight.data_ptr() % planner.INT8_ALIGNMENT:
+            m.weight = m.weight.clone()  # the int8 kernel needs an aligned weight (a mapped file's is not)
         m.kernels = tuple(planner.KERNELS[k] for k in choice.kernels)
 

@@ -127,9 +127,17 @@ def int8_dequantized(x: Tensor, q: Tensor, scale: Tensor, unbounded: bool = Fals
     return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
 
 
+INT8_ALIGNMENT = 64  # bytes: torch 2.13's int8 weight kernel segfaults on a weight not so aligned
+
+
 def int8_packed(x: Tensor, q: Tensor, scale: Tensor, unbounded: bool = False) -> Tensor:
     """torch's int8 weight kernel (x and the scales in bf16: it is slow with fp32 ones).
-    Wrong or crashing on some CPUs for some shapes: used only where a subprocess probe passed."""
+    Wrong or crashing on some CPUs for some shapes: used only where a subprocess probe passed.
+    It also crashes on a weight whose address is not 64-byte aligned (a tensor memory-mapped
+    from a safetensors file usually is not): ``plan_projections`` copies such weights, and a
+    misaligned one reaching here takes the dequantizing product instead."""
+    if q.data_ptr() % INT8_ALIGNMENT:
+        return int8_dequantized(x, q, scale)
     x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
     s = scale if scale.dtype == torch.bfloat16 else scale.to(torch.bfloat16)
     y = torch._weight_int8pack_mm(x2, q, s)
