@@ -109,6 +109,27 @@ class ModelBase(nn.Module):
             raise RwkvpyError(f"token id {bad} is outside the vocabulary [0, {vocab})")
         return tokens.long()
 
+    def run_segments(self, tokens, state, segment_len: int, last_only: bool, return_state: bool, segment):
+        """What every recurrent family's ``forward`` does around its math: check tokens and the
+        state, then run ``segment(tokens (B, t), state, last_only, return_state) -> (logits,
+        state)`` on segments of ``segment_len`` tokens, the state carried between them (memory
+        linear in T), and join the logits (only the last position's with ``last_only``)."""
+        tokens = self.check_tokens(tokens)
+        B, T = tokens.shape
+        if state is None:
+            state = self.zero_state(B)
+        elif state.batch_size != B or state.n_layer != self.config.n_layer:
+            raise RwkvpyError(f"state has batch {state.batch_size} and {state.n_layer} layers; "
+                              f"tokens have batch {B} and the model {self.config.n_layer} layers")
+        logits = []
+        for start in range(0, T, segment_len):
+            end = min(T, start + segment_len)
+            last = end == T
+            out, state = segment(tokens[:, start:end], state, last_only and last, return_state or not last)
+            if not last_only or last:
+                logits.append(out)
+        return (logits[0] if len(logits) == 1 else torch.cat(logits, 1)), (state if return_state else None)
+
     def step(self, tokens: Tensor, state=None):
         """One token per stream: tokens (B,) -> logits (B, V), new state."""
         tokens = torch.as_tensor(tokens)

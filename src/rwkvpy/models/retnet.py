@@ -184,21 +184,10 @@ class RetNet(ModelBase):
 
     def forward(self, tokens: Tensor, state: RetNetState | None = None, *, last_only: bool = False,
                 return_state: bool = True) -> tuple[Tensor, RetNetState | None]:
-        tokens = self.check_tokens(tokens)
-        B, T = tokens.shape
-        if state is None:
-            state = self.zero_state(B)
-        elif state.batch_size != B or state.n_layer != self.config.n_layer:
-            raise RwkvpyError(f"state has batch {state.batch_size} and {state.n_layer} layers; "
-                              f"tokens have batch {B} and the model {self.config.n_layer} layers")
+        T = torch.as_tensor(tokens).shape[-1]
         form = "parallel" if self.wants_grad() and T <= PARALLEL_MAX_T else "chunkwise"
-        logits = []
-        for start in range(0, T, SEGMENT_LEN):
-            end = min(T, start + SEGMENT_LEN)
-            out, state = self._segment(tokens[:, start:end], state, form, last_only and end == T)
-            if not last_only or end == T:
-                logits.append(out)
-        return (logits[0] if len(logits) == 1 else torch.cat(logits, 1)), (state if return_state else None)
+        return self.run_segments(tokens, state, SEGMENT_LEN, last_only, return_state,
+                                 lambda t, s, lo, rs: self._segment(t, s, form, lo))
 
     def _segment(self, tokens: Tensor, state: RetNetState, form: str, last_only: bool):
         x = self.emb(tokens).to(self.activation_dtype)

@@ -237,25 +237,9 @@ class RWKV4(ModelBase):
         memory grows linearly with T. ``return_state=False`` returns None for the state and
         skips computing it where it can (training on windows).
         """
-        tokens = self.check_tokens(tokens)
-        B, T = tokens.shape
-        if state is None:
-            state = self.zero_state(B)
-        elif state.batch_size != B or state.n_layer != self.config.n_layer:
-            raise RwkvpyError(
-                f"state has batch {state.batch_size} and {state.n_layer} layers; "
-                f"tokens have batch {B} and the model {self.config.n_layer} layers"
-            )
         form = self._form()
-        logits = []
-        for start in range(0, T, SEGMENT_LEN):
-            end = min(T, start + SEGMENT_LEN)
-            last = end == T
-            out, state = self._segment(tokens[:, start:end], state, form, last_only and last,
-                                       return_state or not last)
-            if not last_only or last:
-                logits.append(out)
-        return logits[0] if len(logits) == 1 else torch.cat(logits, 1), state
+        return self.run_segments(tokens, state, SEGMENT_LEN, last_only, return_state,
+                                 lambda t, s, lo, rs: self._segment(t, s, form, lo, rs))
 
     def _form(self) -> str:
         """The one place that decides how sequences run (docs/design.md, "forms"):

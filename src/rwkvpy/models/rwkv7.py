@@ -295,22 +295,9 @@ class RWKV7(ModelBase):
                 return_state: bool = True) -> tuple[Tensor, RWKV7State | None]:
         """tokens (B, T) -> logits (B, T, V) (or (B, 1, V) with ``last_only``), new state.
         ``state`` is not modified; sequences longer than ``SEGMENT_LEN`` run segment by segment."""
-        tokens = self.check_tokens(tokens)
-        B, T = tokens.shape
-        if state is None:
-            state = self.zero_state(B)
-        elif state.batch_size != B or state.n_layer != self.config.n_layer:
-            raise RwkvpyError(f"state has batch {state.batch_size} and {state.n_layer} layers; "
-                              f"tokens have batch {B} and the model {self.config.n_layer} layers")
         chunk = self.chunk_len or (TRAIN_CHUNK_LEN if self.wants_grad() else PREFILL_CHUNK_LEN)
-        logits = []
-        for start in range(0, T, SEGMENT_LEN):
-            end = min(T, start + SEGMENT_LEN)
-            last = end == T
-            out, state = self._segment(tokens[:, start:end], state, chunk, last_only and last)
-            if not last_only or last:
-                logits.append(out)
-        return (logits[0] if len(logits) == 1 else torch.cat(logits, 1)), (state if return_state else None)
+        return self.run_segments(tokens, state, SEGMENT_LEN, last_only, return_state,
+                                 lambda t, s, lo, rs: self._segment(t, s, chunk, lo))
 
     def _segment(self, tokens: Tensor, state: RWKV7State, chunk: int, last_only: bool):
         x = self.emb(tokens).to(self.activation_dtype)  # (B, T, C)
