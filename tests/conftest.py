@@ -54,3 +54,20 @@ def logits_both_forms(model, tokens):
             row, state = model.step(tokens[:, t], state)
             rows.append(row)
     return whole, torch.stack(rows, 1)
+
+
+def run_steps(model, toks, state=None):
+    """The recurrent form over toks (B, T), token by token: (logits (B, T, V), final state)."""
+    rows = []
+    for t in range(toks.shape[1]):
+        row, state = model.step(toks[:, t], state)
+        rows.append(row)
+    return torch.stack(rows, 1), state
+
+
+def assert_states_close(a, b, tol):
+    """Same positions, and every tensor of two states within ``tol`` (relative to its scale)."""
+    assert torch.equal(a.pos, b.pos)
+    for (name, x), y in zip(a.tensors().items(), b.tensors().values()):
+        if name != "pos":
+            assert rel_err(x, y) <= tol, name

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import rwkvpy.models.retnet as retnet_module
-from conftest import rel_err
+from conftest import assert_states_close, rel_err, run_steps
 from rwkvpy.models.retnet import RetNet, RetNetConfig, build_model, parameter_shapes, random_state_dict
 from rwkvpy.models.state import load_state
 
@@ -29,20 +29,12 @@ def tokens_for(cfg, B=2, T=150, seed=0):  # > CHUNK_LEN: several chunks and a sh
     return torch.randint(0, cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-def steps(model, toks, state=None):
-    rows = []
-    for t in range(toks.shape[1]):
-        row, state = model.step(toks[:, t], state)
-        rows.append(row)
-    return torch.stack(rows, 1), state
-
-
 @torch.no_grad()
 def test_chunkwise_equals_recurrent_equals_parallel_float64(cfg):
     model = model_for(cfg)
     toks = tokens_for(cfg)
     chunkwise, s1 = model(toks)
-    recurrent, s2 = steps(model, toks)
+    recurrent, s2 = run_steps(model, toks)
     assert rel_err(recurrent, chunkwise) < 1e-10 and rel_err(s2.att, s1.att) < 1e-10
     model.requires_grad_(True)
     with torch.enable_grad():
@@ -73,9 +65,9 @@ def test_rows_at_different_positions_batch_as_alone():
     b, sb = model(tokens_for(cfg, B=1, T=11, seed=2))
     state = type(sa).concat([sa, sb])  # rows at positions 5 and 11
     toks = tokens_for(cfg, B=2, T=7, seed=3)
-    both, _ = steps(model, toks, state)
-    alone0, _ = steps(model, toks[:1], sa)
-    alone1, _ = steps(model, toks[1:], sb)
+    both, _ = run_steps(model, toks, state)
+    alone0, _ = run_steps(model, toks[:1], sa)
+    alone1, _ = run_steps(model, toks[1:], sb)
     assert rel_err(both[0], alone0[0]) < 1e-5 and rel_err(both[1], alone1[0]) < 1e-5
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import SHAPE_ATT, make_model, rel_err
+from conftest import SHAPE_ATT, assert_states_close, make_model, rel_err, run_steps
 from rwkvpy import RwkvpyError
 from rwkvpy.models import RWKV4Config, RWKV4State, build_model, random_state_dict
 
@@ -12,22 +12,6 @@ T = 40
 
 def tokens_for(cfg, B=3, T=T, seed=0):
     return torch.randint(0, cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-def assert_states_close(a: RWKV4State, b: RWKV4State, tol):
-    assert torch.equal(a.pos, b.pos)
-    for (name, x), y in zip(a.tensors().items(), b.tensors().values()):
-        if name != "pos":
-            assert rel_err(x, y) <= tol, name
-
-
-@torch.no_grad()
-def run_steps(model, toks, state=None):
-    rows = []
-    for t in range(toks.shape[1]):
-        row, state = model.step(toks[:, t], state)
-        rows.append(row)
-    return torch.stack(rows, 1), state
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@ in fp64 to 1e-10 and with gradients; states, storage and the module layout."""
 import pytest
 import torch
 
-from conftest import rel_err
+from conftest import assert_states_close, rel_err, run_steps
 from rwkvpy import RwkvpyError
 from rwkvpy.models.rwkv7 import RWKV7, RWKV7Config, build_model, parameter_shapes, random_state_dict
 from rwkvpy.models.state import load_state
@@ -30,21 +30,6 @@ def tokens_for(cfg, B=3, T=T, seed=0):
     return torch.randint(0, cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-def steps(model, toks, state=None):
-    rows = []
-    for t in range(toks.shape[1]):
-        row, state = model.step(toks[:, t], state)
-        rows.append(row)
-    return torch.stack(rows, 1), state
-
-
-def assert_states_close(a, b, tol):
-    assert torch.equal(a.pos, b.pos)
-    for (name, x), y in zip(a.tensors().items(), b.tensors().values()):
-        if name != "pos":
-            assert rel_err(x, y) <= tol, name
-
-
 @torch.no_grad()
 @pytest.mark.parametrize("chunk_len", [None, 1, 7, 16, 64])
 def test_whole_equals_token_by_token_float64(cfg7, chunk_len):
@@ -52,7 +37,7 @@ def test_whole_equals_token_by_token_float64(cfg7, chunk_len):
     model.chunk_len = chunk_len
     toks = tokens_for(cfg7)
     logits, state = model(toks)
-    step_logits, step_state = steps(model, toks)
+    step_logits, step_state = run_steps(model, toks)
     assert rel_err(step_logits, logits) < 1e-10
     assert_states_close(step_state, state, 1e-10)
 
@@ -77,7 +62,7 @@ def test_float32_forms_agree_and_states_are_float32(cfg7):
     model = model_for(cfg7, torch.float32)
     toks = tokens_for(cfg7)
     logits, state = model(toks)
-    step_logits, step_state = steps(model, toks)
+    step_logits, step_state = run_steps(model, toks)
     assert state.wkv.dtype == torch.float32
     assert rel_err(step_logits, logits) < 1e-5
     assert_states_close(step_state, state, 1e-5)
@@ -113,9 +98,9 @@ def test_batched_step_equals_each_stream_alone(cfg7):
     model = model_for(cfg7, torch.float32)
     prefix = model(tokens_for(cfg7, B=4, T=9, seed=5))[1]  # rows start from different states
     toks = tokens_for(cfg7, B=4, T=6)
-    logits, state = steps(model, toks, prefix)
+    logits, state = run_steps(model, toks, prefix)
     for b in range(4):
-        alone, s = steps(model, toks[b: b + 1], prefix.select(b))
+        alone, s = run_steps(model, toks[b: b + 1], prefix.select(b))
         assert torch.allclose(alone[0], logits[b], rtol=0, atol=1e-5)
         assert_states_close(s, state.select(b), 1e-6)
 
@@ -222,6 +207,6 @@ def test_loaded_with_planned_kernels_stays_close_to_fp32(tmp_path, kwargs, tol, 
         ref = rwkvpy.load(tmp_path / "m.pth")(toks)[0]
         model = rwkvpy.load(tmp_path / "m.pth", **kwargs)
         whole = model(toks)[0]
-        stepped = steps(model, toks)[0]
+        stepped = run_steps(model, toks)[0]
     assert rel_err(whole, ref) < tol and rel_err(stepped, ref) < tol
     assert rel_err(stepped, whole) < forms_tol
