@@ -159,6 +159,25 @@ class ModelBase(nn.Module):
             self.step = torch.compile(type(self).step.__get__(self), dynamic=False)
 
 
+class LanguageModel(ModelBase):
+    """A family built as ``emb -> blocks -> ln_out -> head`` (RWKV-4, RWKV-7, RetNet): where its
+    dtypes and device are read."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """How the embedding and (unless quantized) the projections are stored."""
+        return self.emb.weight.dtype
+
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        """fp32 for half or int8 weights (half activations and states overflow); fp64 for fp64."""
+        return self.ln_out.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.emb.weight.device
+
+
 def build_from_state_dict(make: Callable[[], ModelBase], sd: dict[str, Tensor], projections: tuple[str, ...],
                           is_matrix: Callable[[str, Tensor], bool], dtype=torch.float32, device="cpu",
                           quantize: str | None = None) -> ModelBase:

@@ -27,7 +27,7 @@ from ..errors import RwkvpyError
 from ..ops.linear import Linear
 from ..ops.retention import (decays, position_scale, retention_chunkwise, retention_parallel, retention_step, rotate,
                              rotation)
-from .base import ModelBase, build_from_state_dict, check_positive_ints, config_from_dict
+from .base import LanguageModel, build_from_state_dict, check_positive_ints, config_from_dict
 from .state import RecurrentState
 
 PARALLEL_MAX_T = 256  # training windows up to this length take the O(T^2) parallel form
@@ -153,7 +153,7 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg)
 
 
-class RetNet(ModelBase):
+class RetNet(LanguageModel):
     def __init__(self, cfg: RetNetConfig):
         super().__init__()
         self.config = cfg
@@ -163,18 +163,6 @@ class RetNet(ModelBase):
         self.head = Linear(cfg.n_embd, cfg.vocab_size)
         with torch.device("cpu"):  # also when the model is built on the meta device
             self._log_gamma = decays(cfg.n_head, cfg.decay)  # (h,) fp64; a constant of the config, not a weight
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.emb.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.emb.weight.device
-
-    @property
-    def activation_dtype(self) -> torch.dtype:
-        return self.ln_out.weight.dtype
 
     def zero_state(self, batch_size: int = 1) -> RetNetState:
         c = self.config

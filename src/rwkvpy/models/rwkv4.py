@@ -27,7 +27,7 @@ from ..ops.activation import channel_mix_products, squared_relu
 from ..ops.linear import Linear
 from ..ops.shift import time_mix
 from ..ops.wkv import EMPTY_LOG, WkvState, own_terms_may_underflow, wkv_chunked, wkv_matmul, wkv_token
-from .base import ModelBase, build_from_state_dict, check_positive_ints, config_from_dict, orthogonal
+from .base import LanguageModel, build_from_state_dict, check_positive_ints, config_from_dict, orthogonal
 from .state import RecurrentState
 
 # Chunk lengths as measured (docs/benchmarks.md, the 2026-11-22 and 2026-11-24 entries in History).
@@ -195,7 +195,7 @@ class Block(nn.Module):
         self.ffn = ChannelMix(cfg)
 
 
-class RWKV4(ModelBase):
+class RWKV4(LanguageModel):
     """The RWKV-4 language model. ``forward`` takes any length; ``step`` is one token."""
 
     def __init__(self, cfg: RWKV4Config):
@@ -206,20 +206,6 @@ class RWKV4(ModelBase):
         self.ln_out = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
         self.head = Linear(cfg.n_embd, cfg.vocab_size)
         self.chunk_len: int | None = None  # None: the measured default for the form
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """How the embedding and (unless quantized) the projections are stored."""
-        return self.emb.weight.dtype
-
-    @property
-    def activation_dtype(self) -> torch.dtype:
-        """The dtype of activations: fp32 for half or int8 weights (half activations overflow)."""
-        return self.ln_out.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.emb.weight.device
 
     def zero_state(self, batch_size: int = 1) -> RWKV4State:
         c = self.config

@@ -33,7 +33,7 @@ from ..ops.activation import squared_relu
 from ..ops.linear import Linear
 from ..ops.shift import delta_mix
 from ..ops.wkv7 import wkv7_chunked, wkv7_step
-from .base import ModelBase, build_from_state_dict, check_positive_ints, config_from_dict, orthogonal
+from .base import LanguageModel, build_from_state_dict, check_positive_ints, config_from_dict, orthogonal
 from .state import RecurrentState
 
 MAX_LOG_DECAY = math.exp(-0.5)  # log w = -e^-0.5 sigmoid(.): decay per token >= e^-0.607
@@ -260,7 +260,7 @@ class Block(nn.Module):
         self.ffn = ChannelMix(cfg)
 
 
-class RWKV7(ModelBase):
+class RWKV7(LanguageModel):
     """The RWKV-7 language model. ``forward`` takes any length; ``step`` is one token."""
 
     def __init__(self, cfg: RWKV7Config):
@@ -271,19 +271,6 @@ class RWKV7(ModelBase):
         self.ln_out = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
         self.head = Linear(cfg.n_embd, cfg.vocab_size)
         self.chunk_len: int | None = None  # None: the measured default for the form
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.emb.weight.dtype
-
-    @property
-    def activation_dtype(self) -> torch.dtype:
-        """fp32 for half or int8 weights (states and the delta rule need it); fp64 for fp64."""
-        return self.ln_out.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.emb.weight.device
 
     def zero_state(self, batch_size: int = 1) -> RWKV7State:
         return RWKV7State.zeros(self.config, batch_size, self.device, self._state_dtype(), self.state_id())
