@@ -160,8 +160,16 @@ class ModelBase(nn.Module):
 
 
 class LanguageModel(ModelBase):
-    """A family built as ``emb -> blocks -> ln_out -> head`` (RWKV-4, RWKV-7, RetNet): where its
-    dtypes and device are read."""
+    """A family built as ``emb -> blocks -> ln_out -> head`` (RWKV-4, RWKV-7, RetNet): those
+    four modules, and where its dtypes and device are read."""
+
+    def __init__(self, cfg, blocks: list[nn.Module]):
+        super().__init__()
+        self.config = cfg
+        self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(blocks)
+        self.ln_out = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        self.head = Linear(cfg.n_embd, cfg.vocab_size)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -155,12 +155,7 @@ class Block(nn.Module):
 
 class RetNet(LanguageModel):
     def __init__(self, cfg: RetNetConfig):
-        super().__init__()
-        self.config = cfg
-        self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
-        self.ln_out = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
-        self.head = Linear(cfg.n_embd, cfg.vocab_size)
+        super().__init__(cfg, [Block(cfg) for _ in range(cfg.n_layer)])
         with torch.device("cpu"):  # also when the model is built on the meta device
             self._log_gamma = decays(cfg.n_head, cfg.decay)  # (h,) fp64; a constant of the config, not a weight
 

@@ -199,12 +199,7 @@ class RWKV4(LanguageModel):
     """The RWKV-4 language model. ``forward`` takes any length; ``step`` is one token."""
 
     def __init__(self, cfg: RWKV4Config):
-        super().__init__()
-        self.config = cfg
-        self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
-        self.ln_out = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
-        self.head = Linear(cfg.n_embd, cfg.vocab_size)
+        super().__init__(cfg, [Block(cfg, i) for i in range(cfg.n_layer)])
         self.chunk_len: int | None = None  # None: the measured default for the form
 
     def zero_state(self, batch_size: int = 1) -> RWKV4State:
