@@ -15,6 +15,7 @@ import torch
 
 from conftest import rel_err
 from rwkvpy import RwkvpyError
+from rwkvpy.cli import main
 from rwkvpy.models import RWKV4Config, build_model
 from rwkvpy.models.rwkv4 import official_init
 from rwkvpy.train import TrainConfig, Trainer, lr_at
@@ -55,7 +56,7 @@ def train_cli(corpus, out, *extra, arch="rwkv4"):
 
 
 @pytest.mark.parametrize("arch", ["rwkv4", "rwkv7", "retnet", "gpt"])
-def test_sigkill_then_resume_reaches_the_same_losses(tmp_path, corpus, arch):
+def test_sigkill_then_resume_reaches_the_same_losses_and_the_model_runs(tmp_path, corpus, arch, capsys):
     full, killed = tmp_path / "full", tmp_path / "killed"
     run(*train_cli(corpus, full, arch=arch))
     # A child that SIGKILLs itself in the middle of step 16 (after the checkpoint at 12).
@@ -79,6 +80,21 @@ def test_sigkill_then_resume_reaches_the_same_losses(tmp_path, corpus, arch):
     a = torch.load(full / "ckpt.pt", weights_only=True)["model"]
     b = torch.load(killed / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # The uninterrupted run's outputs: the plot, the log, and a model that generate and eval read
+    # (in this process: the CLI's subprocess path is the training runs above).
+    assert (full / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert read_log(full)[-1]["step"] == str(TINY["max_iters"])
+    capsys.readouterr()
+    assert main(["generate", "--model", str(full / "model"), "It is", "--max-tokens", "10", "--seed", "1"]) == 0
+    assert len(capsys.readouterr().out) > 1
+    assert main(["eval", "--model", str(full / "model"), "--data", str(corpus), "--ctx-len", "16", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    # A uniform byte model scores ln 256 = 5.55 nats; 24 steps reach ~4.0 here for the RNNs and
+    # ~4.6 for the GPT, which starts slower (learned positions; the unigram entropy of this text
+    # is 2.86), so beating uniform by a nat (half a nat: the GPT) shows that training trained.
+    assert result["split"] == "val" and result["tokens"] > 0
+    assert result["loss"] < math.log(256) - (0.5 if arch == "gpt" else 1.0), result
 
 
 @pytest.mark.parametrize("arch,port", [("rwkv4", 29517), ("rwkv7", 29518), ("retnet", 29519)])
@@ -117,22 +133,6 @@ def test_checkpoint_survives_a_crash_mid_write(tmp_path, corpus, monkeypatch):
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 6
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["ckpt.pt", "config.json", "curves.png",
                                                                      "log.csv", "model"]
-
-
-@pytest.mark.parametrize("arch", ["rwkv4", "rwkv7", "retnet"])
-def test_outputs_and_the_trained_model_runs(tmp_path, corpus, arch):
-    out = tmp_path / "run"
-    run(*train_cli(corpus, out, arch=arch))
-    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    assert read_log(out)[-1]["step"] == str(TINY["max_iters"])
-    r = run("-m", "rwkvpy", "generate", "--model", out / "model", "It is", "--max-tokens", "10", "--seed", "1")
-    assert len(r.stdout) > 1
-    r = run("-m", "rwkvpy", "eval", "--model", out / "model", "--data", corpus, "--ctx-len", "16", "--json")
-    result = json.loads(r.stdout)
-    # A uniform byte model scores ln 256 = 5.55 nats; 24 steps reach ~4.0 here (the unigram
-    # entropy of this text is 2.86), so beating uniform by a nat shows that training trained.
-    assert result["split"] == "val" and result["tokens"] > 0
-    assert result["loss"] < math.log(256) - 1.0, result
 
 
 @pytest.mark.parametrize("arch", ["rwkv4", "rwkv7", "retnet", "gpt"])
