@@ -37,6 +37,19 @@ def test_forms_agree_float64(state, kind):
         assert rel_err(S_end, ref[1]) < 1e-10, name
 
 
+def test_zero_state_and_no_state_out_shortcuts_change_nothing():
+    """``S=None`` (a zero state, as training starts) and ``state_out=False`` skip products, and
+    give what the full computation gives from zeros."""
+    q, k, v, lg, zeros = make_inputs(state=False)
+    ref = retention_recurrent(q, k, v, lg, zeros)
+    o, S = retention_parallel(q, k, v, lg, None)
+    assert rel_err(o, ref[0]) < 1e-10 and rel_err(S, ref[1]) < 1e-10
+    o, S = retention_parallel(q, k, v, lg, None, state_out=False)
+    assert rel_err(o, ref[0]) < 1e-10 and S is None
+    o, S = retention_chunkwise(q, k, v, lg, None, chunk_len=10)
+    assert rel_err(o, ref[0]) < 1e-10 and rel_err(S, ref[1]) < 1e-10
+
+
 @pytest.mark.parametrize("split", [1, 9, 20, 36])
 def test_calls_continue_each_other(split):
     q, k, v, lg, S = make_inputs(seed=split)
@@ -68,6 +81,21 @@ def test_gradients_of_chunkwise_equal_parallel_float64():
         got = torch.autograd.grad((o * go).sum() + (S * gS).sum(), [x[0], x[1], x[2], x[4]])
         for name, a, b in zip("qkvS", got, ref):
             assert rel_err(a, b) < 1e-10, (L, name)
+
+
+def test_rotation_is_torchscales_theta_shift():
+    """torchscale's RetNet: angles 1/10000^linspace(0, 1, d/2), each repeated for its pair,
+    and ``theta_shift(x) = x cos + rotate_every_two(x) sin`` (written out here as it is there)."""
+    d = 16
+    x = torch.randn(2, 5, 3, d, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    pos = torch.tensor([[0, 1, 2, 7, 1000], [3, 4, 5, 6, 123456]])
+    angle = (1.0 / 10000 ** torch.linspace(0, 1, d // 2, dtype=torch.float64)).unsqueeze(-1).repeat(1, 2).flatten()
+    sin = torch.sin(pos[..., None, None] * angle)
+    cos = torch.cos(pos[..., None, None] * angle)
+    every_two = torch.stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)
+    assert rel_err(rotate(x, pos), x * cos + every_two * sin) < 1e-12
+    assert rel_err(rotate(x.float(), pos).double(), x * cos + every_two * sin) < 1e-6
+    assert rotate(x.bfloat16(), pos).dtype == torch.bfloat16
 
 
 def test_rotation_is_relative():

@@ -113,24 +113,34 @@ class Retention(nn.Module):
         self.value, self.gate = Linear(C, Cv), Linear(C, Cv)
         self.output = Linear(Cv, C)
 
-    def forward(self, x: Tensor, pos: Tensor, rot: tuple[Tensor, Tensor], S: Tensor, log_gamma: Tensor, form: str):
+    def forward(self, x: Tensor, pos: Tensor, rot: Tensor, S: Tensor | None, log_gamma: Tensor,
+                form: str, state_out: bool = True):
+        """x (B, T, C) -> (output, state after the last token); ``S=None`` is a zero state and
+        ``state_out=False`` skips the state out (training)."""
         cfg = self.cfg
         B, T, _ = x.shape
         h, dk, dv = cfg.n_head, cfg.d_k, cfg.d_v
-        q, k, v, g = self.query(x), self.key(x), self.value(x), self.gate(x)
-        q = rotate(q.reshape(B, T, h, dk), rot)
-        k = rotate(k.reshape(B, T, h, dk), rot) * dk ** -0.5
+        if torch.is_grad_enabled() and self.query.weight.requires_grad:
+            # Training: one product for the four projections, and one rotation for q and k (the
+            # planned kernels are for inference; a gradient always takes F.linear).
+            w = torch.cat([self.query.weight, self.key.weight, self.value.weight, self.gate.weight])
+            qk, v, g = F.linear(x, w).split([2 * h * dk, h * dv, h * dv], -1)
+            q, k = rotate(qk.reshape(B, T, 2 * h, dk), rot).split(h, 2)
+        else:
+            q, k, v, g = self.query(x), self.key(x), self.value(x), self.gate(x)
+            q, k = rotate(q.reshape(B, T, h, dk), rot), rotate(k.reshape(B, T, h, dk), rot)
+        k = k * dk ** -0.5
         v = v.reshape(B, T, h, dv)
         if T == 1:
-            o, S = retention_step(q[:, 0], k[:, 0], v[:, 0], log_gamma, S)
+            o, S = retention_step(q[:, 0], k[:, 0], v[:, 0], log_gamma, q.new_zeros(B, h, dk, dv) if S is None else S)
             o = o.unsqueeze(1)
         elif form == "parallel":
-            o, S = retention_parallel(q, k, v, log_gamma, S)
+            o, S = retention_parallel(q, k, v, log_gamma, S, state_out)
         else:
             o, S = retention_chunkwise(q, k, v, log_gamma, S, chunk_len=CHUNK_LEN)
         if cfg.normalize:
             o = o * position_scale(pos, log_gamma)
-        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)  # per-head RMS norm
+        o = F.rms_norm(o, (dv,), eps=cfg.norm_eps)  # per head, no weights
         return self.output(F.silu(g) * o.reshape(B, T, h * dv)), S
 
 
@@ -169,10 +179,17 @@ class RetNet(LanguageModel):
                 return_state: bool = True) -> tuple[Tensor, RetNetState | None]:
         T = torch.as_tensor(tokens).shape[-1]
         form = "parallel" if self.wants_grad() and T <= PARALLEL_MAX_T else "chunkwise"
-        return self.run_segments(tokens, state, SEGMENT_LEN, last_only, return_state,
-                                 lambda t, s, lo, rs: self._segment(t, s, form, lo))
+        fresh = [state is None]  # the first segment starts from zeros: no carried-state products
 
-    def _segment(self, tokens: Tensor, state: RetNetState, form: str, last_only: bool):
+        def segment(t, s, lo, rs):
+            out = self._segment(t, s, form, lo, fresh[0], rs)
+            fresh[0] = False
+            return out
+
+        return self.run_segments(tokens, state, SEGMENT_LEN, last_only, return_state, segment)
+
+    def _segment(self, tokens: Tensor, state: RetNetState, form: str, last_only: bool, zero_in: bool,
+                 state_out: bool):
         x = self.emb(tokens).to(self.activation_dtype)
         T = tokens.shape[1]
         pos = state.pos[:, None] + torch.arange(T, device=tokens.device)  # (B, T) global positions
@@ -180,13 +197,16 @@ class RetNet(LanguageModel):
         rot = rotation(pos, self.config.d_k, x.dtype)
         states = []
         for i, block in enumerate(self.blocks):
-            out, S = block.att(block.ln1(x), pos, rot, state.att[i].to(x.dtype), log_gamma, form)
+            S = None if zero_in else state.att[i].to(x.dtype)
+            out, S = block.att(block.ln1(x), pos, rot, S, log_gamma, form, state_out)
             x = x + out
             x = x + block.ffn(block.ln2(x))
             states.append(S)
         if last_only:
             x = x[:, -1:]
-        new = RetNetState(torch.stack(states).to(state.att.dtype), state.pos + T, state.model_id)
+        new = None
+        if state_out:
+            new = RetNetState(torch.stack(states).to(state.att.dtype), state.pos + T, state.model_id)
         return self.head(self.ln_out(x)), new
 
 

@@ -49,26 +49,35 @@ def _powers(log_gamma: Tensor, n: int, offset: int = 0) -> Tensor:
     return torch.exp(log_gamma[:, None] * t)
 
 
-def retention_parallel(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
-    """All T tokens at once: O(T^2) products (training on windows)."""
+def retention_parallel(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, S: Tensor | None,
+                       state_out: bool = True) -> tuple[Tensor, Tensor | None]:
+    """All T tokens at once: O(T^2) products (training on windows). ``S=None`` is a zero state
+    in and ``state_out=False`` returns None for the state: training needs neither, and skips
+    their products (forward and backward)."""
     T = q.shape[1]
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, d)
     t = torch.arange(T, dtype=q.dtype, device=q.device)
     diff = t[:, None] - t[None, :]
     D = torch.where(diff >= 0, torch.exp(log_gamma[:, None, None] * diff.clamp_min(0)), q.new_zeros(()))
     o = (qh @ kh.transpose(-1, -2) * D) @ vh  # (B, H, T, d_v)
-    o = o + (qh @ S) * _powers(log_gamma, T, 1)[..., None]  # the carried state, decayed to each n
-    to_end = _powers(log_gamma, T).flip(-1)[..., None]  # gamma^(T-1-m)
-    S = S * torch.exp(log_gamma * T)[:, None, None] + kh.transpose(-1, -2) @ (vh * to_end)
-    return o.transpose(1, 2), S
+    if S is not None:
+        o = o + (qh @ S) * _powers(log_gamma, T, 1)[..., None]  # the carried state, decayed to each n
+    if state_out:
+        to_end = _powers(log_gamma, T).flip(-1)[..., None]  # gamma^(T-1-m)
+        new = kh.transpose(-1, -2) @ (vh * to_end)
+        S = new if S is None else S * torch.exp(log_gamma * T)[:, None, None] + new
+    return o.transpose(1, 2), (S if state_out else None)
 
 
-def retention_chunkwise(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, S: Tensor,
+def retention_chunkwise(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, S: Tensor | None,
                         chunk_len: int = 64) -> tuple[Tensor, Tensor]:
     """Chunks of ``chunk_len`` (any T: a shorter last chunk runs in the parallel form): inside
-    each chunk the parallel form, all chunks at once; the state carried across chunks."""
+    each chunk the parallel form, all chunks at once; the state carried across chunks
+    (``S=None``: zero)."""
     B, T, H, dk = q.shape
     dv = v.shape[-1]
+    if S is None:
+        S = q.new_zeros(B, H, dk, dv)
     L = max(1, min(chunk_len, T))
     n = T // L
     outs = []
@@ -117,20 +126,23 @@ def decays(n_head: int, kind: str = "reference", dtype=torch.float64) -> Tensor:
     return torch.log(gamma).to(dtype)
 
 
-def rotation(pos: Tensor, d: int, dtype, base: float = 10000.0) -> tuple[Tensor, Tensor]:
-    """(sin, cos) of the reference "theta shift" at global positions ``pos`` (B, T): pair i of
-    a d-wide head turns by pos * base^(-i / (d/2 - 1)). (B, T, 1, d/2) each; computed once per
-    call and shared by every layer."""
+def rotation(pos: Tensor, d: int, dtype, base: float = 10000.0) -> Tensor:
+    """The reference "theta shift" at global positions ``pos`` (B, T): pair i of a d-wide head
+    turns by pos * base^(-i / (d/2 - 1)), as unit complex numbers (B, T, 1, d/2) (complex64, or
+    complex128 for float64); computed once per call and shared by every layer."""
     angle = 1.0 / base ** torch.linspace(0, 1, d // 2, dtype=torch.float64, device=pos.device)
-    theta = (pos[..., None].double() * angle).to(dtype)[:, :, None, :]
-    return torch.sin(theta), torch.cos(theta)
+    theta = pos[..., None].double() * angle
+    turn = torch.polar(torch.ones_like(theta), theta)[:, :, None, :]
+    return turn if dtype == torch.float64 else turn.to(torch.complex64)
 
 
-def rotate(x: Tensor, pos_or_rotation, base: float = 10000.0) -> Tensor:
-    """x (B, T, H, d) with its pairs (2i, 2i+1) rotated: by :func:`rotation` of positions
-    (B, T), or by a precomputed (sin, cos)."""
-    if isinstance(pos_or_rotation, Tensor):
-        pos_or_rotation = rotation(pos_or_rotation, x.shape[-1], x.dtype, base)
-    sin, cos = pos_or_rotation
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).flatten(-2)
+def rotate(x: Tensor, pos_or_rotation: Tensor, base: float = 10000.0) -> Tensor:
+    """x (B, T, H, d) with its pairs (2i, 2i+1) rotated, by :func:`rotation` of positions (B, T)
+    or by a precomputed rotation. A pair is one complex number (x_2i + i x_2i+1), so the turn
+    is one complex product (fused, forward and backward; half-precision x turns in fp32)."""
+    turn = pos_or_rotation
+    if not turn.is_complex():
+        turn = rotation(turn, x.shape[-1], x.dtype, base)
+    xw = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    pairs = torch.view_as_complex(xw.unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * turn).flatten(-2).to(x.dtype)
