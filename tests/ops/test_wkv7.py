@@ -92,3 +92,36 @@ def test_chunked_float32_close_to_float64(L):
     got = wkv7_chunked(*(t.float() for t in x), chunk_len=L)
     assert rel_err(got[0].double(), ref[0]) < 1e-5
     assert rel_err(got[1].double(), ref[1]) < 1e-5
+
+
+@pytest.mark.parametrize("T,L", [(29, 8), (16, 16), (7, 32)])
+def test_zero_state_and_unused_state_out_take_shortcuts_with_the_same_gradients(T, L):
+    """``S=None`` (a zero state, skipping its products) and a state out that nothing uses (its
+    backward skipped) give what zeros and a zero state gradient give, in fp64."""
+    x = [t.requires_grad_() for t in make_inputs(2, T, 2, 8, seed=T)[:-1]]
+    zeros = torch.zeros(2, 2, 8, 8, dtype=torch.float64)
+    gy = torch.randn(2, T, 2, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    y_ref, S_ref = wkv7_recurrent(*x, zeros)
+    ref = torch.autograd.grad((y_ref * gy).sum(), x)
+    y, S = wkv7_chunked(*x, None, chunk_len=L)
+    assert rel_err(y, y_ref) < 1e-10 and rel_err(S, S_ref) < 1e-10
+    got = torch.autograd.grad((y * gy).sum(), x)  # S unused: its gradient comes as None
+    for name, a, b in zip(["r", "log_w", "k", "v", "alpha", "beta"], got, ref):
+        assert rel_err(a, b) < 1e-9, name
+    gS = torch.randn(S.shape, generator=torch.Generator().manual_seed(6), dtype=S.dtype)
+    y_ref, S_ref = wkv7_recurrent(*x, zeros)
+    ref = torch.autograd.grad((y_ref * gy).sum() + (S_ref * gS).sum(), x)
+    y, S = wkv7_chunked(*x, None, chunk_len=L)
+    got = torch.autograd.grad((y * gy).sum() + (S * gS).sum(), x)
+    for name, a, b in zip(["r", "log_w", "k", "v", "alpha", "beta"], got, ref):
+        assert rel_err(a, b) < 1e-9, name
+
+
+def test_half_precision_inputs_are_widened():
+    """Under bf16 autocast the projections hand the WKV bf16 tensors: it computes in fp32."""
+    x = make_inputs(1, 40, 2, 16, seed=9, dtype=torch.float32)
+    ref = wkv7_chunked(*(t.bfloat16().float() for t in x[:-1]), x[-1], chunk_len=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, S = wkv7_chunked(*(t.bfloat16() for t in x[:-1]), x[-1], chunk_len=16)
+    assert y.dtype == S.dtype == torch.float32
+    assert rel_err(y, ref[0]) < 1e-6 and rel_err(S, ref[1]) < 1e-6

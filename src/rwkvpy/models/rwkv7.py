@@ -278,16 +278,25 @@ class RWKV7(LanguageModel):
         """tokens (B, T) -> logits (B, T, V) (or (B, 1, V) with ``last_only``), new state.
         ``state`` is not modified; sequences longer than ``SEGMENT_LEN`` run segment by segment."""
         chunk = self.chunk_len or (TRAIN_CHUNK_LEN if self.wants_grad() else PREFILL_CHUNK_LEN)
-        return self.run_segments(tokens, state, SEGMENT_LEN, last_only, return_state,
-                                 lambda t, s, lo, rs: self._segment(t, s, chunk, lo))
+        fresh = [state is None]  # the first segment starts from zeros: no products with the state
 
-    def _segment(self, tokens: Tensor, state: RWKV7State, chunk: int, last_only: bool):
+        def segment(t, s, lo, rs):
+            out = self._segment(t, s, chunk, lo, fresh[0])
+            fresh[0] = False
+            return out
+
+        return self.run_segments(tokens, state, SEGMENT_LEN, last_only, return_state, segment)
+
+    def _segment(self, tokens: Tensor, state: RWKV7State, chunk: int, last_only: bool, zero_in: bool):
         x = self.emb(tokens).to(self.activation_dtype)  # (B, T, C)
         sdt = self._state_dtype()
 
         def wkv(r, log_w, k, v, alpha, beta, S):
-            S = S.to(r.dtype)
+            S = None if zero_in else S.to(sdt)  # not r.dtype: under bf16 autocast r is half
             if r.shape[1] == 1:
+                if S is None:
+                    B, _, H, N = r.shape
+                    S = r.new_zeros(B, H, N, N, dtype=sdt)
                 y, S = wkv7_step(r[:, 0], log_w[:, 0], k[:, 0], v[:, 0], alpha[:, 0], beta[:, 0], S)
                 return y.unsqueeze(1), S
             return wkv7_chunked(r, log_w, k, v, alpha, beta, S, chunk_len=chunk)

@@ -25,7 +25,7 @@ Forms, all ``(r, log_w, k, v, alpha, beta) of shape (B, T, H, N), S (B, H, N, N)
 The cumulative decays Gamma_t = prod_{i<=t} w_i appear only as ratios Gamma_t / Gamma_s with
 s <= t (<= 1), each computed as exp(c_t - m) exp(m - c_s) with m the log-decay at the middle of
 the chunk, so no factor exceeds e^(0.6065 L / 2): fp32 neither overflows nor underflows for
-L <= 128. Arithmetic runs in the dtype of ``r`` (fp32 or fp64; never half precision).
+L <= 128. Arithmetic runs in fp64 for fp64 inputs, else in fp32 (never half precision).
 """
 
 from __future__ import annotations
@@ -63,53 +63,175 @@ def _chunks(x: Tensor, L: int, pad: int) -> Tensor:
     return x.view(B, (T + pad) // L, L, H, N).permute(0, 3, 1, 2, 4).contiguous()  # one copy, not one per use
 
 
-def wkv7_chunked(r: Tensor, log_w: Tensor, k: Tensor, v: Tensor, alpha: Tensor, beta: Tensor,
-                 S: Tensor, chunk_len: int = 32) -> tuple[Tensor, Tensor]:
-    """The parallel form: chunks of ``chunk_len`` tokens (any T; the last chunk is padded with
-    identity steps). Differentiable by autograd (triangular solve and products)."""
-    B, T, H, N = r.shape
-    L = max(1, min(chunk_len, T))
-    pad = -T % L
-    r, log_w, k, v, alpha, beta = (_chunks(x, L, pad) for x in (r, log_w, k, v, alpha, beta))
-    c = torch.cumsum(log_w, dim=-2)  # log Gamma_t, inclusive                  (B, H, n, L, N)
+def _chunk_terms(r: Tensor, log_w: Tensor, k: Tensor, v: Tensor, alpha: Tensor, beta: Tensor, L: int):
+    """Everything about the chunks that does not depend on the state carried in, all chunks at
+    once (inputs (B, H, n, L, N)). ``rel`` factors are relative to the chunk's middle m (the
+    products they enter cancel m exactly), the others are true scale and <= 1."""
+    c = torch.cumsum(log_w, dim=-2)  # log Gamma_t, inclusive
     c_prev = c - log_w  # log Gamma_{t-1}
     m = c[..., (L - 1) // 2: (L - 1) // 2 + 1, :]  # reference point inside the chunk
     c_end = c[..., -1:, :]
-    inv = torch.exp(m - c)  # 1 / Gamma_s, relative to m
-    beta_inv, k_inv = beta * inv, k * inv
-    alpha_dec = alpha * torch.exp(c_prev)  # Gamma_{t-1} alpha_t (true scale, <= |alpha|)
-    alpha_rel = alpha * torch.exp(c_prev - m)
-    r_dec = r * torch.exp(c)  # Gamma_t r_t
-    r_rel = r * torch.exp(c - m)
-
+    e = dict(rel_prev=torch.exp(c_prev - m), rel=torch.exp(c - m), inv=torch.exp(m - c),  # relative to m
+             prev=torch.exp(c_prev), cur=torch.exp(c), to_end=torch.exp(c_end - c))  # true scale, <= 1
+    B, H, n, _, N = r.shape
+    # [a_rel; r_rel] and [b_inv; k_inv], written in place: one product of the two gives the four
+    # L x L interactions (Gamma_{t-1} alpha_t or Gamma_t r_t) . (beta_s or k_s) / Gamma_s.
+    ar, bk = r.new_empty(B, H, n, 2 * L, N), r.new_empty(B, H, n, 2 * L, N)
+    a_rel, r_rel = torch.mul(alpha, e["rel_prev"], out=ar[..., :L, :]), torch.mul(r, e["rel"], out=ar[..., L:, :])
+    b_inv, k_inv = torch.mul(beta, e["inv"], out=bk[..., :L, :]), torch.mul(k, e["inv"], out=bk[..., L:, :])
+    P = ar @ bk.transpose(-1, -2)
     ones = torch.ones(L, L, dtype=torch.bool, device=r.device)
-    strict, incl = torch.tril(ones, -1), torch.tril(ones)
-    zero = r.new_zeros(())
-    # M_ts = (Gamma_{t-1} alpha_t) . (beta_s / Gamma_s) for s < t, and the same with k_s
-    M = torch.where(strict, alpha_rel @ beta_inv.transpose(-1, -2), zero)
-    Mk = torch.where(strict, alpha_rel @ k_inv.transpose(-1, -2), zero)
-    Qb = torch.where(incl, r_rel @ beta_inv.transpose(-1, -2), zero)
-    Qk = torch.where(incl, r_rel @ k_inv.transpose(-1, -2), zero)
-    # h_t = S_{t-1} alpha_t for every t: H = (I - M)^-1 (alpha_dec S0^T + Mk V) = W S0^T + U
-    eye = torch.eye(L, dtype=r.dtype, device=r.device)
-    rhs = torch.cat([alpha_dec, Mk @ v], dim=-1)
-    WU = torch.linalg.solve_triangular(eye - M, rhs, upper=False, unitriangular=True)
-    W, U = WU[..., :N], WU[..., N:]
-    # y = E S0^T + Fy;  S_end = S0 diag(Gamma_L) + H^T (beta Gamma_L / Gamma) + V^T (k Gamma_L / Gamma)
-    E = r_dec + Qb @ W
-    Fy = Qb @ U + Qk @ v
-    to_end = torch.exp(c_end - c)  # Gamma_L / Gamma_s <= 1
-    beta_end = beta * to_end
-    J = v.transpose(-1, -2) @ (k * to_end)  # (B, H, n, N_v, N_k)
-    EW = torch.cat([E, W], dim=-2)  # one product with S per chunk gives y and H
-    decay_end = torch.exp(c_end)  # (B, H, n, 1, N_k): scales the state's key columns
+    strict, incl = torch.tril(ones, -1), torch.tril(ones)  # alpha, beta: s < t;  r: s <= t
+    P.masked_fill_(~torch.cat([strict.repeat(1, 2), incl.repeat(1, 2)]), 0)
+    t = dict(e=e, inputs=(r, alpha, beta, k), v=v, ar=ar, bk=bk, a_rel=a_rel, r_rel=r_rel, b_inv=b_inv,
+             k_inv=k_inv, P=P, M=P[..., :L, :L], Mk=P[..., :L, L:], Qb=P[..., L:, :L], Qk=P[..., L:, L:],
+             strict=strict, incl=incl,
+             b_end=beta * e["to_end"], k_end=k * e["to_end"],  # Gamma_L / Gamma_s, true scale
+             decay_end=torch.exp(c_end))  # (.., 1, N_k): scales the state's key columns
+    # h_t = S_{t-1} alpha_t for every t: H = (I - M)^-1 (a_dec S0^T + Mk V) = W S0^T + U,
+    # a_dec = Gamma_{t-1} alpha_t (true scale)
+    t["eye"] = torch.eye(L, dtype=r.dtype, device=r.device)
+    rhs = r.new_empty(B, H, n, L, 2 * N)
+    torch.mul(alpha, e["prev"], out=rhs[..., :N])
+    torch.matmul(t["Mk"], v, out=rhs[..., N:])
+    t["WU"] = WU = torch.linalg.solve_triangular(t["eye"] - t["M"], rhs, upper=False, unitriangular=True)
+    t["W"], t["U"] = WU[..., :N], WU[..., N:]
+    # y = E S0^T + Fy, E = Gamma_t r_t + Qb W;  S_end = S0 diag(Gamma_L) + H^T b_end + V^T k_end
+    t["EW"] = EW = r.new_empty(B, H, n, 2 * L, N)  # one product with S per chunk gives y and H
+    t["E"] = torch.add(r * e["cur"], t["Qb"] @ t["W"], out=EW[..., :L, :])
+    EW[..., L:, :] = t["W"]
+    t["Fy"] = t["Qb"] @ t["U"] + t["Qk"] @ v
+    t["J"] = v.transpose(-1, -2) @ t["k_end"]  # (B, H, n, N_v, N_k)
+    return t
 
-    ys = []
-    for i in range(E.shape[2]):
-        yh = EW[:, :, i] @ S.transpose(-1, -2)  # (B, H, 2L, N_v)
-        ys.append(yh[..., :L, :])
-        h = yh[..., L:, :] + U[:, :, i]  # h_t = S_{t-1} alpha_t, (B, H, L, N_v)
-        S = S * decay_end[:, :, i] + h.transpose(-1, -2) @ beta_end[:, :, i] + J[:, :, i]
-    y = torch.stack(ys, 2) + Fy  # (B, H, n, L, N)
-    y = y.permute(0, 2, 3, 1, 4).reshape(B, -1, H, N)
-    return (y[:, :T] if pad else y), S
+
+def _carry(t: dict, S: Tensor | None) -> tuple[Tensor, Tensor, list, list]:
+    """The state through the chunks one after another (``S=None``: zero, and no products with
+    it): y (B, H, n, L, N), the last state, and each chunk's incoming state and h (kept for the
+    backward)."""
+    L, EW, U = t["E"].shape[-2], t["EW"], t["U"]
+    y = t["Fy"]  # made for this call: the state's part is added in place
+    states, hs = [], []
+    for i in range(EW.shape[2]):
+        states.append(S)
+        if S is None:
+            h = U[:, :, i]
+            S = h.transpose(-1, -2) @ t["b_end"][:, :, i] + t["J"][:, :, i]
+        else:
+            yh = EW[:, :, i] @ S.transpose(-1, -2)  # (B, H, 2L, N_v)
+            y[:, :, i] += yh[..., :L, :]
+            h = yh[..., L:, :] + U[:, :, i]  # h_t = S_{t-1} alpha_t, (B, H, L, N_v)
+            S = S * t["decay_end"][:, :, i] + h.transpose(-1, -2) @ t["b_end"][:, :, i] + t["J"][:, :, i]
+        hs.append(h)
+    return y, S, states, hs
+
+
+def _unchunk(y: Tensor, T: int) -> Tensor:
+    B, H, n, L, N = y.shape
+    return y.permute(0, 2, 3, 1, 4).reshape(B, n * L, H, N)[:, :T]
+
+
+class _WKV7Chunked(torch.autograd.Function):
+    """The chunked form with its backward written out (the same products, transposed, and one
+    more triangular solve), instead of autograd's graph of ~40 small ops per chunk."""
+
+    @staticmethod
+    def forward(ctx, r, log_w, k, v, alpha, beta, S, L):
+        ctx.set_materialize_grads(False)  # an unused output's gradient comes as None, and is skipped
+        B, T, H, N = r.shape
+        pad = -T % L
+        t = _chunk_terms(*(_chunks(x, L, pad) for x in (r, log_w, k, v, alpha, beta)), L)
+        y, S_end, ctx.states, ctx.hs = _carry(t, S)
+        ctx.T, ctx.t = T, t
+        return _unchunk(y, T), S_end
+
+    @staticmethod
+    def backward(ctx, dy, dS):
+        t, T, states, hs = ctx.t, ctx.T, ctx.states, ctx.hs
+        B, H, n, L, N = t["v"].shape
+        dy = _chunks(dy, L, n * L - T) if dy is not None else t["v"].new_zeros(B, H, n, L, N)
+        # The carry, backwards: S_{i+1} = S_i diag(D_i) + h_i^T b_end_i + J_i, h_i = W_i S_i^T + U_i,
+        # y_i = E_i S_i^T + Fy_i. Per chunk, written in place: [dy; dh] (2L, N_v), [dE; dW] (2L, N_k),
+        # dJ, d b_end, dD. A zero state in (None) has no products; an unused state out has dS None.
+        EW = t["EW"]
+        dyh, dEW = dy.new_empty(B, H, n, 2 * L, N), dy.new_empty(B, H, n, 2 * L, N)
+        dyh[..., :L, :] = dy
+        dJ, db_end, dD = dy.new_empty(B, H, n, N, N), dy.new_empty(B, H, n, L, N), dy.new_empty(B, H, n, 1, N)
+        for i in reversed(range(n)):
+            S_i = states[i]
+            if dS is None:
+                for buf in (dJ, db_end, dD, dyh[..., L:, :]):
+                    buf[:, :, i] = 0
+            else:
+                dJ[:, :, i] = dS
+                torch.matmul(t["b_end"][:, :, i], dS.transpose(-1, -2), out=dyh[:, :, i, L:])  # dh
+                torch.matmul(hs[i], dS, out=db_end[:, :, i])
+                if S_i is None:
+                    dD[:, :, i] = 0
+                else:
+                    torch.sum(dS * S_i, -2, keepdim=True, out=dD[:, :, i])
+            if S_i is None:
+                dEW[:, :, i] = 0
+                dS = None
+                continue
+            torch.matmul(dyh[:, :, i], S_i, out=dEW[:, :, i])
+            dS_prev = dyh[:, :, i].transpose(-1, -2) @ EW[:, :, i]
+            dS = dS_prev if dS is None else dS * t["decay_end"][:, :, i] + dS_prev
+        dE, dU = dEW[..., :L, :], dyh[..., L:, :]
+        v, W, U, Qb, Qk, Mk = t["v"], t["W"], t["U"], t["Qb"], t["Qk"], t["Mk"]
+        # J = V^T k_end
+        dv = t["k_end"] @ dJ.transpose(-1, -2)
+        dk_end = v @ dJ
+        # Fy = Qb U + Qk V;  E = r_dec + Qb W
+        dQb = dy @ U.transpose(-1, -2) + dE @ W.transpose(-1, -2)
+        dWU = dy.new_empty(B, H, n, L, 2 * N)
+        torch.add(dEW[..., L:, :], Qb.transpose(-1, -2) @ dE, out=dWU[..., :N])
+        torch.add(dU, Qb.transpose(-1, -2) @ dy, out=dWU[..., N:])
+        dQk = dy @ v.transpose(-1, -2)
+        dv = dv + Qk.transpose(-1, -2) @ dy
+        # [W, U] = (I - M)^-1 [a_dec, Mk V]
+        G = torch.linalg.solve_triangular((t["eye"] - t["M"]).transpose(-1, -2), dWU, upper=True, unitriangular=True)
+        da_dec, dMkV = G[..., :N], G[..., N:]
+        zero = v.new_zeros(())
+        dP = torch.empty_like(t["P"])  # [dM, dMk; dQb, dQk], the blocks written in place
+        torch.where(t["strict"], G @ t["WU"].transpose(-1, -2), zero, out=dP[..., :L, :L])
+        torch.where(t["strict"], dMkV @ v.transpose(-1, -2), zero, out=dP[..., :L, L:])
+        torch.where(t["incl"], dQb, zero, out=dP[..., L:, :L])
+        torch.where(t["incl"], dQk, zero, out=dP[..., L:, L:])
+        dv = dv + Mk.transpose(-1, -2) @ dMkV
+        # [M, Mk; Qb, Qk] = [a_rel; r_rel] [b_inv; k_inv]^T
+        d_ar = dP @ t["bk"]
+        d_bk = dP.transpose(-1, -2) @ t["ar"]
+        da_rel, dr_rel = d_ar[..., :L, :], d_ar[..., L:, :]
+        db_inv, dk_inv = d_bk[..., :L, :], d_bk[..., L:, :]
+        # back to the inputs through the decay factors. Each input x enters as x e^(+-c...), so
+        # the log-decays' gradient is x dx summed with signs (m cancels: no gradient).
+        e, (r, alpha, beta, k) = t["e"], t["inputs"]
+        dalpha = da_rel * e["rel_prev"] + da_dec * e["prev"]
+        dr = dr_rel * e["rel"] + dE * e["cur"]
+        dbeta = db_inv * e["inv"] + db_end * e["to_end"]
+        dk = dk_inv * e["inv"] + dk_end * e["to_end"]
+        dc_prev = alpha * dalpha  # through c_prev = c - log_w
+        dc = r * dr - beta * dbeta - k * dk + dc_prev
+        dc[..., -1:, :] += (db_end * t["b_end"] + dk_end * t["k_end"]).sum(-2, keepdim=True) + dD * t["decay_end"]
+        dlog_w = torch.flip(torch.cumsum(torch.flip(dc, [-2]), -2), [-2]) - dc_prev  # c = cumsum(log_w)
+        grads = (_unchunk(x, T) for x in (dr, dlog_w, dk, dv, dalpha, dbeta))
+        return (*grads, dS, None)
+
+
+def wkv7_chunked(r: Tensor, log_w: Tensor, k: Tensor, v: Tensor, alpha: Tensor, beta: Tensor,
+                 S: Tensor | None, chunk_len: int = 32) -> tuple[Tensor, Tensor]:
+    """The parallel form: chunks of ``chunk_len`` tokens (any T; the last chunk is padded with
+    identity steps; ``S=None``: a zero state). Differentiable, with a written-out backward
+    (an unused state out costs no backward products). Half-precision inputs (bf16
+    autocast training) are widened: the arithmetic and y and S come out in fp32."""
+    B, T, H, N = r.shape
+    L = max(1, min(chunk_len, T))
+    dtype = torch.float64 if r.dtype == torch.float64 else torch.float32
+    x = [t.to(dtype) for t in (r, log_w, k, v, alpha, beta)] + [None if S is None else S.to(dtype)]
+    with torch.autocast(r.device.type, enabled=False):  # else its products would run in half precision
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in x):
+            return _WKV7Chunked.apply(*x, L)
+        t = _chunk_terms(*(_chunks(t, L, -T % L) for t in x[:-1]), L)
+        y, S, _, _ = _carry(t, x[-1])
+        return _unchunk(y, T), S
