@@ -68,6 +68,30 @@ def test_more_rows_are_timed_only_on_the_storage_that_decodes_fastest():
     assert (choice.dtype, choice.layout) == (best.dtype, best.layout)
 
 
+@pytest.mark.skipif(not hasattr(torch, "fbgemm_linear_fp16_weight"), reason="this torch has no fbgemm fp16 product")
+def test_fp16_packed_product_is_verified_and_follows_in_place_changes():
+    """fbgemm's fp16-weight product: fp32 arithmetic on the fp16 values (1, 2, 16 rows, 3-d
+    input), within fp32 rounding of the float64 product where this build has it (else it is
+    refused and so never chosen), and repacked when the weight changes in place."""
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(72, 40, generator=g) / 40**0.5).half()
+    try:
+        plan.fp16_packed(torch.randn(1, 40), w)
+    except RuntimeError:  # no fbgemm on this CPU (ARM): the planner's check rejects it the same way
+        entry = plan.plan_need(plan.Need("fp16", 72, 40), int8_ok=False)
+        assert not any(name.endswith("/fp16_packed") for name in entry["timings"])
+        return
+    for shape in ((1, 40), (2, 40), (16, 40), (2, 3, 40)):
+        x = torch.randn(*shape, generator=g)
+        assert plan.verified(plan.fp16_packed, x, w, None, False, plan._UNIT["float32"])[0], shape
+    with torch.no_grad():
+        w.mul_(-1)  # e.g. load_state_dict into a planned model
+    x = torch.randn(2, 40, generator=g)
+    assert rel_err(plan.fp16_packed(x, w).double(), x.double() @ w.double().t()) < 1e-6
+    entry = plan.plan_need(plan.Need("fp16", 72, 40), int8_ok=False)
+    assert "float16/out_in/fp16_packed" in entry["timings"]
+
+
 def test_plan_cache_round_trip_refresh_and_corruption(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RWKVPY_CACHE_DIR", str(tmp_path))
     calls = []

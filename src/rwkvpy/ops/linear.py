@@ -157,4 +157,7 @@ def plan_projections(model: nn.Module, planner_: planner.Planner | None = None,
         elif "int8_packed" in choice.kernels and m.weight.data_ptr() % planner.INT8_ALIGNMENT:
             m.weight = m.weight.clone()  # the int8 kernel needs an aligned weight (a mapped file's is not)
         m.kernels = tuple(planner.KERNELS[k] for k in choice.kernels)
+        for k in dict.fromkeys(choice.kernels):
+            if k in planner.PREPARE:  # now, not at the first token
+                planner.PREPARE[k](m.weight)
 

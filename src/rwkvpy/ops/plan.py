@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,7 @@ from .quant import quantize_int8
 
 # (first row, last row, the rows timed for the class)
 ROW_CLASSES = ((1, 1, 1), (2, 16, 8), (17, 64, 48), (65, 512, 256), (513, None, 1024))
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: the fbgemm fp16 candidate
 _HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, **_HALF, "int8": torch.int8}
 
@@ -122,6 +123,43 @@ def split_rows(x: Tensor, w: Tensor, scale: Tensor | None = None, unbounded: boo
     return y if s is None else y * s
 
 
+# torch marks its fp16-weight fbgemm product deprecated (it stays in 2.13, where it is the fastest
+# half-precision product for few rows on x86); the planner checks and times it like any other.
+warnings.filterwarnings("ignore", message=".*fbgemm_(linear|pack_gemm_matrix)_fp16.*deprecated")
+
+
+def fp16_pack(w: Tensor) -> tuple[Tensor, Tensor]:
+    """fbgemm's packed form of an fp16 weight (out, in) and a zero bias, made once per weight and
+    kept on it (remade if the weight is changed in place: ``_version`` counts those writes)."""
+    packed = getattr(w, "_rwkvpy_fp16_packed", None)
+    if packed is None or packed[0] != w._version:
+        with torch.no_grad():
+            packed = (w._version, torch.fbgemm_pack_gemm_matrix_fp16(w.float()), w.new_zeros(w.shape[0], dtype=torch.float32))
+        w._rwkvpy_fp16_packed = packed
+    return packed[1], packed[2]
+
+
+def fp16_packed(x: Tensor, w: Tensor, scale: Tensor | None = None, unbounded: bool = False) -> Tensor:
+    """fbgemm's product of fp32 activations with fp16 weights, packed in its own blocked layout:
+    the weights are read as fp16 (half fp32's bytes), the arithmetic is fp32 (no fp16 range for
+    x to overflow). x86 builds only; elsewhere it refuses, and the planner passes it over."""
+    if torch.compiler.is_compiling():  # the packed handle is opaque to tracing: an op of its own
+        return _fp16_packed_op(x.float(), w).to(x.dtype)
+    packed, bias = fp16_pack(w)
+    return torch.fbgemm_linear_fp16_weight(x.float(), packed, bias).to(x.dtype)
+
+
+@torch.library.custom_op("rwkvpy::fp16_packed", mutates_args=())
+def _fp16_packed_op(x: Tensor, w: Tensor) -> Tensor:
+    packed, bias = fp16_pack(w)
+    return torch.fbgemm_linear_fp16_weight(x, packed, bias)
+
+
+@_fp16_packed_op.register_fake
+def _(x: Tensor, w: Tensor) -> Tensor:
+    return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
 def int8_dequantized(x: Tensor, q: Tensor, scale: Tensor, unbounded: bool = False) -> Tensor:
     """int8 weights widened to x's dtype, then ``F.linear``, then the per-row scales."""
     return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
@@ -145,7 +183,9 @@ def int8_packed(x: Tensor, q: Tensor, scale: Tensor, unbounded: bool = False) ->
 
 
 KERNELS: dict[str, Callable] = {"linear": linear, "linear_bf16": linear_bf16, "upcast": upcast, "split": split_rows,
-                                "int8_dequantized": int8_dequantized, "int8_packed": int8_packed}
+                                "fp16_packed": fp16_packed, "int8_dequantized": int8_dequantized,
+                                "int8_packed": int8_packed}
+PREPARE: dict[str, Callable] = {"fp16_packed": fp16_pack}  # work a kernel does once per weight, before timing
 
 
 def safe_kernel(dtype: str) -> str:
@@ -203,6 +243,8 @@ def candidates(kind: str, activation: str = "float32") -> list[Candidate]:
             names.append("linear_bf16")
         if layout == "out_in":
             names.append("split")
+            if dtype == "float16" and hasattr(torch, "fbgemm_linear_fp16_weight"):
+                names.append("fp16_packed")
         out += [Candidate(dtype, layout, n) for n in names]
     return out
 
@@ -487,7 +529,7 @@ def plan_need(need: Need, int8_ok: bool, extra: dict[str, Callable] | None = Non
         if act == torch.float64 and c.kernel in ("linear", "split", "upcast"):
             return _UNIT["float64"]
         return _UNIT[{"linear": c.dtype, "split": c.dtype, "upcast": "float32", "linear_bf16": "bfloat16",
-                      "int8_packed": "bfloat16"}.get(c.kernel, "float32")]
+                      "int8_packed": "bfloat16", "fp16_packed": "float32"}.get(c.kernel, "float32")]
 
     row_flops = 2 * need.out * need.n_in
     timed_rows: list[int] = []
@@ -528,6 +570,8 @@ def plan_need(need: Need, int8_ok: bool, extra: dict[str, Callable] | None = Non
             copies = [w]
             if need.cold and rows <= 16:
                 copies += [w.clone() for _ in range(-(-2 * last_level_cache_bytes() // (w.numel() * w.element_size())) - 1)]
+            for copy in copies[1:]:
+                PREPARE.get(c.kernel, lambda w: None)(copy)
             turn = itertools.cycle(copies)
             fn = kernels[c.kernel]
             timings.setdefault(c.name, []).append(time_call(lambda: fn(x, next(turn), scale, need.unbounded)))
