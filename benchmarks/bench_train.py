@@ -2,8 +2,8 @@
 
     python benchmarks/bench_train.py [--steps 10] [--compile]
 
-Two sizes, byte vocabulary: nanoGPT's CPU setting (4 x 128, context 64, batch 12) and
-6 x 512 (context 256, batch 8). One step = forward, backward and an AdamW update (fused, as
+Three sizes, byte vocabulary: nanoGPT's CPU setting (4 x 128, context 64, batch 12), the
+experiments' larger setting 6 x 256 (context 128, batch 12) and 6 x 512 (context 256, batch 8). One step = forward, backward and an AdamW update (fused, as
 the trainer's) on a fixed random batch; the models take turns step by step. Prints tokens/s
 (median step), the ratios, and the fraction of the matmul floor: 6 * parameters FLOPs per
 token at the fp32 GEMM rate measured in this run.
@@ -23,6 +23,7 @@ from rwkvpy.models.gpt import GPT, GPTConfig
 
 # GPT heads: nanoGPT's CPU setting has 4 (as experiments/nanogpt_cpu.py); 6 x 512: heads of 64.
 SIZES = {"nanogpt-cpu": dict(n_layer=4, n_embd=128, n_head=4, ctx=64, batch=12),
+         "6x256": dict(n_layer=6, n_embd=256, n_head=4, ctx=128, batch=12),  # experiments/nanogpt_cpu.py --setting 6x256
          "6x512": dict(n_layer=6, n_embd=512, n_head=8, ctx=256, batch=8)}
 V = 256
 

@@ -20,7 +20,10 @@ Forms, all ``(r, log_w, k, v, alpha, beta) of shape (B, T, H, N), S (B, H, N, N)
                     written in WY form, diag(Gamma_t) (I + sum_s z_s (beta_s / Gamma_s)^T), its
                     vectors found by one unit-lower-triangular solve per chunk; all chunks at
                     once, then two small products per chunk carry the state (O(L N^2) each,
-                    never an N x N by N x N product).
+                    never an N x N by N x N product). Its backward is written out (the same
+                    products transposed, in reverse through the chunks, and one more
+                    triangular solve); the log-decays' gradient is sum_x (+-) x dx over the
+                    inputs each decay factor scales, then a reverse cumulative sum.
 
 The cumulative decays Gamma_t = prod_{i<=t} w_i appear only as ratios Gamma_t / Gamma_s with
 s <= t (<= 1), each computed as exp(c_t - m) exp(m - c_s) with m the log-decay at the middle of
@@ -77,14 +80,15 @@ def _chunk_terms(r: Tensor, log_w: Tensor, k: Tensor, v: Tensor, alpha: Tensor, 
     # [a_rel; r_rel] and [b_inv; k_inv], written in place: one product of the two gives the four
     # L x L interactions (Gamma_{t-1} alpha_t or Gamma_t r_t) . (beta_s or k_s) / Gamma_s.
     ar, bk = r.new_empty(B, H, n, 2 * L, N), r.new_empty(B, H, n, 2 * L, N)
-    a_rel, r_rel = torch.mul(alpha, e["rel_prev"], out=ar[..., :L, :]), torch.mul(r, e["rel"], out=ar[..., L:, :])
-    b_inv, k_inv = torch.mul(beta, e["inv"], out=bk[..., :L, :]), torch.mul(k, e["inv"], out=bk[..., L:, :])
+    torch.mul(alpha, e["rel_prev"], out=ar[..., :L, :])  # Gamma_{t-1} alpha_t, relative to m
+    torch.mul(r, e["rel"], out=ar[..., L:, :])  # Gamma_t r_t
+    torch.mul(beta, e["inv"], out=bk[..., :L, :])  # beta_s / Gamma_s
+    torch.mul(k, e["inv"], out=bk[..., L:, :])  # k_s / Gamma_s
     P = ar @ bk.transpose(-1, -2)
     ones = torch.ones(L, L, dtype=torch.bool, device=r.device)
     strict, incl = torch.tril(ones, -1), torch.tril(ones)  # alpha, beta: s < t;  r: s <= t
     P.masked_fill_(~torch.cat([strict.repeat(1, 2), incl.repeat(1, 2)]), 0)
-    t = dict(e=e, inputs=(r, alpha, beta, k), v=v, ar=ar, bk=bk, a_rel=a_rel, r_rel=r_rel, b_inv=b_inv,
-             k_inv=k_inv, P=P, M=P[..., :L, :L], Mk=P[..., :L, L:], Qb=P[..., L:, :L], Qk=P[..., L:, L:],
+    t = dict(e=e, inputs=(r, alpha, beta, k), v=v, ar=ar, bk=bk, P=P, M=P[..., :L, :L], Mk=P[..., :L, L:], Qb=P[..., L:, :L], Qk=P[..., L:, L:],
              strict=strict, incl=incl,
              b_end=beta * e["to_end"], k_end=k * e["to_end"],  # Gamma_L / Gamma_s, true scale
              decay_end=torch.exp(c_end))  # (.., 1, N_k): scales the state's key columns
