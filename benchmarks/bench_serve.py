@@ -1,7 +1,7 @@
 """Serving speed: `rwkvpy serve` in its own process, N concurrent streaming clients over loopback.
 
     python benchmarks/bench_serve.py [--arch rwkv4|rwkv7] [--layers 12 --width 768] [--streams 1,8,32]
-                                     [--tokens 64] [--tokenizer ../shared/data/20B_tokenizer.json]
+                                     [--tokens 64] [--dtype fp32|bf16|fp16] [--tokenizer ../shared/data/20B_tokenizer.json]
 
 Random weights with the 169M shape (vocabulary 50277, the 20B tokenizer) by default; prompts are
 random token ids (the completions API takes them), greedy decoding. Reports per stream count:
@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64, help="tokens generated per stream")
     ap.add_argument("--tokenizer", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" /
                                                "20B_tokenizer.json"))
+    ap.add_argument("--dtype", default="fp32", help="how the server stores matrices: fp32, bf16, fp16")
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.arch == "rwkv7":
@@ -102,7 +103,7 @@ def main() -> None:
         save_native(cfg, random_state_dict(cfg, seed=0), Path(tmp) / "m")
         server = subprocess.Popen([sys.executable, "-m", "rwkvpy", "serve", "--model", str(Path(tmp) / "m"),
                                    "--tokenizer", args.tokenizer, "--model-name", NAME, "--port", str(port),
-                                   "--max-streams", "32"], stdout=subprocess.DEVNULL,
+                                   "--max-streams", "32", "--dtype", args.dtype], stdout=subprocess.DEVNULL,
                                   stderr=open(Path(tmp) / "server.log", "w"), env=os.environ.copy())
         try:
             deadline = time.time() + 300
@@ -115,7 +116,7 @@ def main() -> None:
                 if time.time() > deadline or server.poll() is not None:
                     raise SystemExit("the server did not start")
                 time.sleep(0.2)
-            print(f"model: {cfg}")
+            print(f"model: {cfg}, matrices {args.dtype}")
             print(next(ln for ln in (Path(tmp) / "server.log").read_text().splitlines()
                        if ln.startswith("rwkvpy serve:")))
             stream_request(url, [1, 2, 3], 4)  # warm-up
