@@ -55,11 +55,23 @@ def test_choice_follows_the_timings():
     assert plan.choose(entry, {"bfloat16"}) == plan.Choice("bfloat16", "in_out", ("linear",) * 5)
 
 
+def test_a_kernel_with_its_own_copy_must_win_by_a_margin():
+    """fbgemm's packed fp16 product keeps a second copy of the weight: it is chosen only where
+    it beats the plain kernels by EXTRA_COPY_MARGIN."""
+    m = plan.EXTRA_COPY_MARGIN
+    entry = {"timings": {
+        "float16/out_in/linear": [100.0, 300.0, 900.0, 2000.0, 8000.0],
+        "float16/out_in/fp16_packed": [100.0 / m * 1.05, 300.0 / m * 0.9, 900.0, 3000.0, 9000.0],
+    }, "rejected": {}}
+    assert plan.choose(entry).kernels == ("linear", "fp16_packed", "linear", "linear", "linear")
+
+
 def test_more_rows_are_timed_only_on_the_storage_that_decodes_fastest():
     entry = plan.plan_need(plan.Need("bf16>fp16", 96, 64), int8_ok=False)
     first = {name: times[0] for name, times in entry["timings"].items()}
     assert all(t is not None for t in first.values()) and len(first) == len(plan.candidates("bf16>fp16"))
-    best = plan.Candidate.parse(min(first, key=first.get))
+    weighted = {name: plan.weighted(plan.Candidate.parse(name), t) for name, t in first.items()}
+    best = plan.Candidate.parse(min(weighted, key=weighted.get))  # as the choice counts time
     for name, times in entry["timings"].items():
         c = plan.Candidate.parse(name)
         on_best = (c.dtype, c.layout) == (best.dtype, best.layout)

@@ -47,7 +47,7 @@ from .quant import quantize_int8
 
 # (first row, last row, the rows timed for the class)
 ROW_CLASSES = ((1, 1, 1), (2, 16, 8), (17, 64, 48), (65, 512, 256), (513, None, 1024))
-PLAN_VERSION = 2  # 2: the fbgemm fp16 candidate
+PLAN_VERSION = 3  # 2: the fbgemm fp16 candidate; 3: its margin
 _HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, **_HALF, "int8": torch.int8}
 
@@ -486,6 +486,17 @@ class Choice:
     kernels: tuple[str, ...]
 
 
+# A kernel that keeps a second copy of the weight (PREPARE) must be this much faster than one
+# that does not: the copy costs the matrix's memory again, and one such kernel (fbgemm's, single
+# threaded) timed faster alone than it ran in a 2-thread model (docs/benchmarks.md).
+EXTRA_COPY_MARGIN = 1.25
+
+
+def weighted(c: Candidate, seconds: float) -> float:
+    """A candidate's time as the choice counts it (see EXTRA_COPY_MARGIN)."""
+    return seconds * (EXTRA_COPY_MARGIN if c.kernel in PREPARE else 1.0)
+
+
 CALL_FLOPS = 2e9  # rows timed per class are cut (down to the class's first) to about this much work
 MAX_CALL_FLOPS = 8e9  # beyond this even at the class's first row, times are extrapolated from the class before
 
@@ -540,8 +551,8 @@ def plan_need(need: Need, int8_ok: bool, extra: dict[str, Callable] | None = Non
         timed_rows.append(rows)
         x = sample_input(rows, need.n_in, need.unbounded, g, act)
         refs: dict[str, tuple] = {}
-        if i == 1:  # the storage is decided: the fastest for one row
-            first = {c: timings[c.name][0] for c in live}
+        if i == 1:  # the storage is decided: the fastest for one row (as choose() counts it)
+            first = {c: weighted(c, timings[c.name][0]) for c in live}
             best = min(first, key=first.get)
             storage = (best.dtype, best.layout)
         for c in list(live):
@@ -584,16 +595,20 @@ def _time_at(times: list[float | None], i: int) -> float:
 
 def choose(entry: dict, allowed_dtypes: set[str] | None = None) -> Choice:
     """From an entry's timings: the storage fastest for one row (decoding), then per rows class
-    the fastest kernel on that storage."""
+    the fastest kernel on that storage (times :func:`weighted`)."""
     timings = {Candidate.parse(n): t for n, t in entry["timings"].items()
                if allowed_dtypes is None or Candidate.parse(n).dtype in allowed_dtypes}
     if not timings:
         raise RuntimeError("no correct kernel for this projection")
-    best = min(timings, key=lambda c: timings[c][0])
+
+    def cost(c: Candidate, i: int) -> float:
+        return weighted(c, _time_at(timings[c], i))
+
+    best = min(timings, key=lambda c: cost(c, 0))
     on_storage = {c: t for c, t in timings.items() if (c.dtype, c.layout) == (best.dtype, best.layout)}
     kernels = []
     for i in range(len(ROW_CLASSES)):
-        fastest = min(on_storage, key=lambda c: _time_at(on_storage[c], i))
+        fastest = min(on_storage, key=lambda c: cost(c, i))
         # nothing timed here (a restricted choice): the plain product, which is always right
         kernels.append(fastest.kernel if on_storage[fastest][i] is not None else safe_kernel(best.dtype))
     kernels = tuple(kernels)
