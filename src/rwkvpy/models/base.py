@@ -111,11 +111,14 @@ class ModelBase(nn.Module):
 
     def run_segments(self, tokens, state, segment_len: int, last_only: bool, return_state: bool, segment):
         """What every recurrent family's ``forward`` does around its math: check tokens and the
-        state, then run ``segment(tokens (B, t), state, last_only, return_state) -> (logits,
-        state)`` on segments of ``segment_len`` tokens, the state carried between them (memory
-        linear in T), and join the logits (only the last position's with ``last_only``)."""
+        state, then run ``segment(tokens (B, t), state, last_only, return_state, zero_in) ->
+        (logits, state)`` on segments of ``segment_len`` tokens, the state carried between them
+        (memory linear in T), and join the logits (only the last position's with ``last_only``).
+        ``zero_in``: the segment starts from a new, all-zero state (a family may skip products
+        with it)."""
         tokens = self.check_tokens(tokens)
         B, T = tokens.shape
+        zero_in = state is None
         if state is None:
             state = self.zero_state(B)
         elif state.batch_size != B or state.n_layer != self.config.n_layer:
@@ -125,7 +128,8 @@ class ModelBase(nn.Module):
         for start in range(0, T, segment_len):
             end = min(T, start + segment_len)
             last = end == T
-            out, state = segment(tokens[:, start:end], state, last_only and last, return_state or not last)
+            out, state = segment(tokens[:, start:end], state, last_only and last, return_state or not last, zero_in)
+            zero_in = False
             if not last_only or last:
                 logits.append(out)
         return (logits[0] if len(logits) == 1 else torch.cat(logits, 1)), (state if return_state else None)

@@ -179,14 +179,8 @@ class RetNet(LanguageModel):
                 return_state: bool = True) -> tuple[Tensor, RetNetState | None]:
         T = torch.as_tensor(tokens).shape[-1]
         form = "parallel" if self.wants_grad() and T <= PARALLEL_MAX_T else "chunkwise"
-        fresh = [state is None]  # the first segment starts from zeros: no carried-state products
-
-        def segment(t, s, lo, rs):
-            out = self._segment(t, s, form, lo, fresh[0], rs)
-            fresh[0] = False
-            return out
-
-        return self.run_segments(tokens, state, SEGMENT_LEN, last_only, return_state, segment)
+        return self.run_segments(tokens, state, SEGMENT_LEN, last_only, return_state,
+                                 lambda t, s, lo, rs, zero_in: self._segment(t, s, form, lo, zero_in, rs))
 
     def _segment(self, tokens: Tensor, state: RetNetState, form: str, last_only: bool, zero_in: bool,
                  state_out: bool):

@@ -220,7 +220,7 @@ class RWKV4(LanguageModel):
         """
         form = self._form()
         return self.run_segments(tokens, state, SEGMENT_LEN, last_only, return_state,
-                                 lambda t, s, lo, rs: self._segment(t, s, form, lo, rs))
+                                 lambda t, s, lo, rs, zero_in: self._segment(t, s, form, lo, rs))
 
     def _form(self) -> str:
         """The one place that decides how sequences run (docs/design.md, "forms"):

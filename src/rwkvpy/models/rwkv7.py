@@ -278,14 +278,8 @@ class RWKV7(LanguageModel):
         """tokens (B, T) -> logits (B, T, V) (or (B, 1, V) with ``last_only``), new state.
         ``state`` is not modified; sequences longer than ``SEGMENT_LEN`` run segment by segment."""
         chunk = self.chunk_len or (TRAIN_CHUNK_LEN if self.wants_grad() else PREFILL_CHUNK_LEN)
-        fresh = [state is None]  # the first segment starts from zeros: no products with the state
-
-        def segment(t, s, lo, rs):
-            out = self._segment(t, s, chunk, lo, fresh[0])
-            fresh[0] = False
-            return out
-
-        return self.run_segments(tokens, state, SEGMENT_LEN, last_only, return_state, segment)
+        return self.run_segments(tokens, state, SEGMENT_LEN, last_only, return_state,
+                                 lambda t, s, lo, rs, zero_in: self._segment(t, s, chunk, lo, zero_in))
 
     def _segment(self, tokens: Tensor, state: RWKV7State, chunk: int, last_only: bool, zero_in: bool):
         x = self.emb(tokens).to(self.activation_dtype)  # (B, T, C)
