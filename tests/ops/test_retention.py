@@ -7,7 +7,7 @@ import torch
 
 from conftest import rel_err
 from rwkvpy.ops.retention import (decays, position_scale, retention_chunkwise, retention_parallel,
-                                  retention_recurrent, rotate)
+                                  retention_recurrent, retention_step, rotate)
 
 
 def make_inputs(B=2, T=37, H=3, dk=8, dv=16, seed=0, dtype=torch.float64, state=True):
@@ -48,6 +48,8 @@ def test_zero_state_and_no_state_out_shortcuts_change_nothing():
     assert rel_err(o, ref[0]) < 1e-10 and S is None
     o, S = retention_chunkwise(q, k, v, lg, None, chunk_len=10)
     assert rel_err(o, ref[0]) < 1e-10 and rel_err(S, ref[1]) < 1e-10
+    one = retention_step(q[:, 0], k[:, 0], v[:, 0], lg, None)
+    assert all(torch.equal(a, b) for a, b in zip(one, retention_step(q[:, 0], k[:, 0], v[:, 0], lg, zeros)))
 
 
 @pytest.mark.parametrize("split", [1, 9, 20, 36])

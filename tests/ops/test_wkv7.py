@@ -105,6 +105,8 @@ def test_zero_state_and_unused_state_out_take_shortcuts_with_the_same_gradients(
     ref = torch.autograd.grad((y_ref * gy).sum(), x)
     y, S = wkv7_chunked(*x, None, chunk_len=L)
     assert rel_err(y, y_ref) < 1e-10 and rel_err(S, S_ref) < 1e-10
+    one = wkv7_step(*(t[:, 0] for t in x), None)
+    assert all(torch.equal(a, b) for a, b in zip(one, wkv7_step(*(t[:, 0] for t in x), zeros)))
     got = torch.autograd.grad((y * gy).sum(), x)  # S unused: its gradient comes as None
     for name, a, b in zip(["r", "log_w", "k", "v", "alpha", "beta"], got, ref):
         assert rel_err(a, b) < 1e-9, name

@@ -132,7 +132,7 @@ class Retention(nn.Module):
         k = k * dk ** -0.5
         v = v.reshape(B, T, h, dv)
         if T == 1:
-            o, S = retention_step(q[:, 0], k[:, 0], v[:, 0], log_gamma, q.new_zeros(B, h, dk, dv) if S is None else S)
+            o, S = retention_step(q[:, 0], k[:, 0], v[:, 0], log_gamma, S)
             o = o.unsqueeze(1)
         elif form == "parallel":
             o, S = retention_parallel(q, k, v, log_gamma, S, state_out)

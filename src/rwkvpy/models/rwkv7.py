@@ -288,9 +288,6 @@ class RWKV7(LanguageModel):
         def wkv(r, log_w, k, v, alpha, beta, S):
             S = None if zero_in else S.to(sdt)  # not r.dtype: under bf16 autocast r is half
             if r.shape[1] == 1:
-                if S is None:
-                    B, _, H, N = r.shape
-                    S = r.new_zeros(B, H, N, N, dtype=sdt)
                 y, S = wkv7_step(r[:, 0], log_w[:, 0], k[:, 0], v[:, 0], alpha[:, 0], beta[:, 0], S)
                 return y.unsqueeze(1), S
             return wkv7_chunked(r, log_w, k, v, alpha, beta, S, chunk_len=chunk)

@@ -143,16 +143,18 @@ def fp16_packed(x: Tensor, w: Tensor, scale: Tensor | None = None, unbounded: bo
     """fbgemm's product of fp32 activations with fp16 weights, packed in its own blocked layout:
     the weights are read as fp16 (half fp32's bytes), the arithmetic is fp32 (no fp16 range for
     x to overflow). x86 builds only; elsewhere it refuses, and the planner passes it over."""
-    if torch.compiler.is_compiling():  # the packed handle is opaque to tracing: an op of its own
-        return _fp16_packed_op(x.float(), w).to(x.dtype)
-    packed, bias = fp16_pack(w)
-    return torch.fbgemm_linear_fp16_weight(x.float(), packed, bias).to(x.dtype)
+    # Traced, the packed handle is opaque: the product is an op of its own (eager calls skip the
+    # custom op's dispatch, which would cost more than a small product).
+    product = _fp16_packed_op if torch.compiler.is_compiling() else _fp16_product
+    return product(x.float(), w).to(x.dtype)
 
 
-@torch.library.custom_op("rwkvpy::fp16_packed", mutates_args=())
-def _fp16_packed_op(x: Tensor, w: Tensor) -> Tensor:
+def _fp16_product(x: Tensor, w: Tensor) -> Tensor:
     packed, bias = fp16_pack(w)
     return torch.fbgemm_linear_fp16_weight(x, packed, bias)
+
+
+_fp16_packed_op = torch.library.custom_op("rwkvpy::fp16_packed", _fp16_product, mutates_args=())
 
 
 @_fp16_packed_op.register_fake

@@ -28,9 +28,11 @@ import torch
 from torch import Tensor
 
 
-def retention_step(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
-    """One token: q, k (B, H, d_k), v (B, H, d_v) -> o (B, H, d_v), new S."""
-    S = S * torch.exp(log_gamma)[:, None, None] + k.unsqueeze(-1) * v.unsqueeze(-2)
+def retention_step(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor,
+                   S: Tensor | None) -> tuple[Tensor, Tensor]:
+    """One token: q, k (B, H, d_k), v (B, H, d_v) -> o (B, H, d_v), new S (``S=None``: zero)."""
+    write = k.unsqueeze(-1) * v.unsqueeze(-2)
+    S = write if S is None else S * torch.exp(log_gamma)[:, None, None] + write
     return torch.matmul(q.unsqueeze(-2), S).squeeze(-2), S
 
 

@@ -39,11 +39,13 @@ from torch import Tensor
 
 
 def wkv7_step(r: Tensor, log_w: Tensor, k: Tensor, v: Tensor, alpha: Tensor, beta: Tensor,
-              S: Tensor) -> tuple[Tensor, Tensor]:
-    """One token: tensors (B, H, N), S (B, H, N, N) -> y (B, H, N), new S."""
-    S = (S * torch.exp(log_w).unsqueeze(-2)
-         + torch.matmul(S, alpha.unsqueeze(-1)) * beta.unsqueeze(-2)
-         + v.unsqueeze(-1) * k.unsqueeze(-2))
+              S: Tensor | None) -> tuple[Tensor, Tensor]:
+    """One token: tensors (B, H, N), S (B, H, N, N) -> y (B, H, N), new S (``S=None``: zero)."""
+    write = v.unsqueeze(-1) * k.unsqueeze(-2)
+    if S is None:
+        S = write
+    else:
+        S = S * torch.exp(log_w).unsqueeze(-2) + torch.matmul(S, alpha.unsqueeze(-1)) * beta.unsqueeze(-2) + write
     return torch.matmul(S, r.unsqueeze(-1)).squeeze(-1), S
 
 
