@@ -123,6 +123,26 @@ def test_batched_decoding_equals_each_stream_alone():
         assert rel_err(torch.stack(got[i]), torch.stack(alone[i][: leave_at[i]])) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_new_states_do_not_rehash_planned_weights(monkeypatch, dtype):
+    """A planned model keeps weights in other layouts and dtypes than its checkpoint's, which
+    ``state_dict()`` converts back: the fingerprint that every new state carries must not go
+    through that conversion on each call (it cost a copy of every weight per prompt)."""
+    import rwkvpy.models.base as base
+
+    model = build_model(CFG, random_state_dict(CFG, seed=3), dtype=dtype)
+    plan_projections(model)
+    first = model.zero_state(1).model_id
+    hashed = []
+    monkeypatch.setattr(base, "weights_fingerprint", lambda sd: hashed.append(1) or "changed")
+    for _ in range(3):
+        assert model.zero_state(1).model_id == first
+    assert hashed == []
+    with torch.no_grad():
+        model.head.weight.mul_(2)  # an in-place change is still seen
+    assert model.zero_state(1).model_id == "changed" and len(hashed) == 1
+
+
 def test_int8_checkpoint_round_trip_and_errors(tmp_path):
     cfg = SHAPES["small"]
     qsd = quantize_state_dict(random_state_dict(cfg, seed=4), PROJECTIONS)

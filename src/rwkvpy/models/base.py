@@ -16,6 +16,7 @@ requires a gradient, training kernels when one does (:meth:`ModelBase.wants_grad
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Callable, Mapping
 from dataclasses import fields
 from typing import Any
@@ -83,8 +84,9 @@ class ModelBase(nn.Module):
         """Identifies the weights (sampled values, see :func:`weights_fingerprint`). It follows
         changes to them: recomputed whenever a tensor was replaced or modified in place (an
         optimizer step bumps the tensors' version counters)."""
-        tensors = list(self.state_dict(keep_vars=True).values())
-        key = tuple((id(t), t._version) for t in tensors)
+        # The tensors themselves, not state_dict(): that converts planned weights back to their
+        # checkpoint's dtype and layout (a copy of every weight, here on every new state).
+        key = tuple((id(t), t._version) for t in itertools.chain(self.parameters(), self.buffers()))
         if getattr(self, "_fingerprint_key", None) != key:
             self._fingerprint = weights_fingerprint(self.state_dict())
             self._fingerprint_key = key
