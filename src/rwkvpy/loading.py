@@ -64,13 +64,14 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu",
     (``model.requires_grad_(True)`` to fine-tune).
 
     Projections get the kernels planned for this machine (:mod:`rwkvpy.ops.plan`: timed once,
-    checked against float64, cached); ``RWKVPY_KERNELS=safe`` keeps plain ``F.linear``.
+    checked against float64, cached); ``RWKVPY_KERNELS=safe`` keeps plain ``F.linear``, and
+    ``RWKVPY_KERNELS=lean`` leaves out the kernels that keep a second copy of a weight.
     ``plan_report`` (a list) receives the plan and the timings behind it, as text lines.
     """
     cfg, sd, _ = read_checkpoint(path)
     model = build_model(cfg, sd, dtype=parse_dtype(dtype), device=device, quantize=quantize)
     model.requires_grad_(False)
-    if kernels_mode() == "planned":
+    if kernels_mode() != "safe":
         plan_projections(model, report=plan_report)
     return model
 

@@ -57,13 +57,17 @@ def test_choice_follows_the_timings():
 
 def test_a_kernel_with_its_own_copy_must_win_by_a_margin():
     """fbgemm's packed fp16 product keeps a second copy of the weight: it is chosen only where
-    it beats the plain kernels by EXTRA_COPY_MARGIN."""
+    it beats the plain kernels by EXTRA_COPY_MARGIN; once its copy is kept for one rows class,
+    the other classes take it wherever it is faster at all, except one row (decoding), where
+    the margin stays."""
     m = plan.EXTRA_COPY_MARGIN
     entry = {"timings": {
         "float16/out_in/linear": [100.0, 300.0, 900.0, 2000.0, 8000.0],
-        "float16/out_in/fp16_packed": [100.0 / m * 1.05, 300.0 / m * 0.9, 900.0, 3000.0, 9000.0],
+        "float16/out_in/fp16_packed": [100.0 / m * 1.05, 300.0 / m * 1.05, 890.0, 3000.0, 7900.0],
     }, "rejected": {}}
-    assert plan.choose(entry).kernels == ("linear", "fp16_packed", "linear", "linear", "linear")
+    assert plan.choose(entry).kernels == ("linear",) * 5
+    entry["timings"]["float16/out_in/fp16_packed"][1] = 300.0 / m * 0.9
+    assert plan.choose(entry).kernels == ("linear", "fp16_packed", "fp16_packed", "linear", "fp16_packed")
 
 
 def test_more_rows_are_timed_only_on_the_storage_that_decodes_fastest():
@@ -102,6 +106,35 @@ def test_fp16_packed_product_is_verified_and_follows_in_place_changes():
     assert rel_err(plan.fp16_packed(x, w).double(), x.double() @ w.double().t()) < 1e-6
     entry = plan.plan_need(plan.Need("fp16", 72, 40), int8_ok=False)
     assert "float16/out_in/fp16_packed" in entry["timings"]
+
+
+@pytest.mark.parametrize("kind, dtype, unit", [("fp32", torch.float32, "float32"),
+                                               ("bf16", torch.bfloat16, "bfloat16"),
+                                               ("bf16>fp16", torch.float16, "bfloat16")])
+def test_onednn_product_is_verified_and_follows_in_place_changes(kind, dtype, unit):
+    """oneDNN's packed product: within its type's rounding of the float64 product at 1, 2, 16
+    and 48 rows and for 3-d input, where this build has it (else refused, so never chosen);
+    repacked when the weight changes in place; never offered for an fp16 checkpoint (its
+    values need not fit bf16) or fp64."""
+    g = torch.Generator().manual_seed(4)
+    w = (torch.randn(72, 40, generator=g) / 40**0.5).to(torch.bfloat16).to(dtype)
+    assert not any(c.kernel == "onednn" for c in plan.candidates("fp16") + plan.candidates("fp64"))
+    try:
+        plan.onednn(torch.randn(1, 40), w)
+    except RuntimeError:  # no oneDNN for this type here: the planner's check rejects it the same way
+        entry = plan.plan_need(plan.Need(kind, 72, 40), int8_ok=False)
+        assert not any(name.endswith("/onednn") for name in entry["timings"])
+        return
+    for shape in ((1, 40), (2, 40), (16, 40), (48, 40), (2, 3, 40)):
+        x = torch.randn(*shape, generator=g)
+        assert plan.verified(plan.onednn, x, w, None, False, plan._UNIT[unit])[0], shape
+        assert plan.verified(plan.onednn, x, w.t().contiguous().t(), None, False, plan._UNIT[unit])[0], shape
+    with torch.no_grad():
+        w.mul_(-1)
+    x = torch.randn(2, 40, generator=g)
+    assert rel_err(plan.onednn(x, w).double(), x.double() @ w.double().t()) < plan._UNIT[unit] * 4
+    entry = plan.plan_need(plan.Need(kind, 72, 40), int8_ok=False)
+    assert f"{dtype}".removeprefix("torch.") + "/out_in/onednn" in entry["timings"]
 
 
 def test_plan_cache_round_trip_refresh_and_corruption(tmp_path, monkeypatch, capsys):
@@ -154,6 +187,35 @@ def test_safe_mode_loads_plain_kernels(tmp_path, monkeypatch):
     monkeypatch.setenv("RWKVPY_KERNELS", "fastest")
     with pytest.raises(RwkvpyError, match="RWKVPY_KERNELS"):
         rwkvpy.load(tmp_path / "m")
+
+
+def test_lean_mode_keeps_no_second_copy_of_a_weight(tmp_path, monkeypatch):
+    """``RWKVPY_KERNELS=lean``: planned, but none of the kernels that pack a copy of their own,
+    even where the timings (injected: those kernels far ahead) would choose them."""
+    import rwkvpy
+    from rwkvpy.checkpoint import save_native
+
+    cfg = RWKV4Config(vocab_size=64, n_embd=32, n_layer=1, dim_ffn=48)
+    save_native(cfg, random_state_dict(cfg), tmp_path / "m")
+    real = plan.plan_need
+
+    def copies_fastest(need, *a, **kw):
+        entry = real(need, *a, **kw)
+        for name, times in entry["timings"].items():
+            if plan.Candidate.parse(name).kernel in plan.PREPARE:
+                entry["timings"][name] = [None if t is None else t / 100 for t in times]
+        return entry
+
+    monkeypatch.setattr(plan, "plan_need", copies_fastest)
+    monkeypatch.setenv("RWKVPY_CACHE_DIR", str(tmp_path / "cache"))
+    for mode, dtype in (("planned", "fp32"), ("lean", "fp32"), ("planned", "bf16"), ("lean", "bf16")):
+        monkeypatch.setenv("RWKVPY_KERNELS", mode)
+        model = rwkvpy.load(tmp_path / "m", dtype=dtype)
+        kernels = {k.__name__ for m in model.modules() if isinstance(m, Linear) for k in m.kernels}
+        packing = {plan.KERNELS[k].__name__ for k in plan.PREPARE}
+        entries = plan.read_cache(warn=False)["entries"].values()
+        offered = any(plan.Candidate.parse(n).kernel in plan.PREPARE for e in entries for n in e["timings"])
+        assert bool(kernels & packing) == (mode == "planned" and offered), (mode, dtype, kernels)
 
 
 @pytest.mark.parametrize("n_in", [40, 168])

@@ -143,7 +143,7 @@ def plan_projections(model: nn.Module, planner_: planner.Planner | None = None,
     for name, m in modules:
         need = needs[name]
         entry = entries[need]
-        choice = planner.choose(entry)
+        choice = planner.choose(entry, copies=planner.kernels_mode() != "lean")
         if report is not None and need not in seen:
             seen.add(need)
             report.append(f"  {need.kind} {need.out}x{need.n_in}{' (unbounded input)' if need.unbounded else ''}: "

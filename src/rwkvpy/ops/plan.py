@@ -18,7 +18,8 @@ Vocabulary: a *storage* is the weight's dtype and memory layout, ``out_in`` (row
 channels, as checkpoints store them) or ``in_out`` (the transpose in memory, used through a
 transposed view so the parameter keeps its shape); a *kernel* is a function
 ``(x, weight, scale) -> y`` from :data:`KERNELS`; a *rows class* is a range of rows
-(:data:`ROW_CLASSES`). ``RWKVPY_KERNELS=safe`` turns planning off (plain ``F.linear``).
+(:data:`ROW_CLASSES`). ``RWKVPY_KERNELS=safe`` turns planning off (plain ``F.linear``);
+``RWKVPY_KERNELS=lean`` plans without the kernels that keep a second copy of a weight.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from .quant import quantize_int8
 
 # (first row, last row, the rows timed for the class)
 ROW_CLASSES = ((1, 1, 1), (2, 16, 8), (17, 64, 48), (65, 512, 256), (513, None, 1024))
-PLAN_VERSION = 3  # 2: the fbgemm fp16 candidate; 3: its margin
+PLAN_VERSION = 4  # 2: the fbgemm fp16 candidate; 3: its margin; 4: oneDNN's packed product
 _HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, **_HALF, "int8": torch.int8}
 
@@ -58,10 +59,11 @@ def rows_class(rows: int) -> int:
 
 
 def kernels_mode() -> str:
-    """``planned`` (default) or ``safe`` (``RWKVPY_KERNELS=safe``: plain ``F.linear`` everywhere)."""
+    """``planned`` (default), ``lean`` (``RWKVPY_KERNELS=lean``: planned, but no kernel that keeps
+    a second copy of a weight: the least memory) or ``safe`` (plain ``F.linear`` everywhere)."""
     mode = os.environ.get("RWKVPY_KERNELS", "planned").strip().lower() or "planned"
-    if mode not in ("planned", "safe"):
-        raise RwkvpyError(f"RWKVPY_KERNELS={mode!r}: expected 'planned' or 'safe'")
+    if mode not in ("planned", "lean", "safe"):
+        raise RwkvpyError(f"RWKVPY_KERNELS={mode!r}: expected 'planned', 'lean' or 'safe'")
     return mode
 
 
@@ -162,6 +164,44 @@ def _(x: Tensor, w: Tensor) -> Tensor:
     return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
+def onednn_pack(w: Tensor) -> Tensor:
+    """oneDNN's blocked form of a weight (out, in) for :func:`onednn`, made once per weight and
+    kept on it (remade after in-place writes). An fp16 weight is a faithful bf16 one
+    (:func:`fp16_faithful`; the planner offers this kernel on no other fp16 weight): it goes back
+    to bf16 exactly, the type oneDNN multiplies in."""
+    packed = getattr(w, "_rwkvpy_onednn_packed", None)
+    if packed is None or packed[0] != w._version:
+        with torch.no_grad():
+            source = w.to(torch.bfloat16) if w.dtype == torch.float16 else w
+            packed = (w._version, torch.ops.mkldnn._reorder_linear_weight(source.contiguous(), None))
+        w._rwkvpy_onednn_packed = packed
+    return packed[1]
+
+
+def onednn(x: Tensor, w: Tensor, scale: Tensor | None = None, unbounded: bool = False) -> Tensor:
+    """oneDNN's product with the weight in its own blocked layout (as torch.compile's freezing
+    packs it), x in the packed weight's type (fp32, or bf16 for half weights) and y back in
+    x's. Where a few rows meet a large weight, MKL's ``F.linear`` here runs at a third of
+    this (the 169M head at 16 rows: 34 ms against 10.6; docs/benchmarks.md); for one row it is
+    slower than the plain products, so the plan keeps both copies only where it wins."""
+    product = _onednn_op if torch.compiler.is_compiling() else _onednn_product
+    return product(x, w)
+
+
+def _onednn_product(x: Tensor, w: Tensor) -> Tensor:
+    packed = onednn_pack(w)
+    y = torch.ops.mkldnn._linear_pointwise(x.to(packed.dtype).contiguous(), packed, None, "none", [], "")
+    return y.to(x.dtype)
+
+
+_onednn_op = torch.library.custom_op("rwkvpy::onednn", _onednn_product, mutates_args=())
+
+
+@_onednn_op.register_fake
+def _(x: Tensor, w: Tensor) -> Tensor:
+    return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
 def int8_dequantized(x: Tensor, q: Tensor, scale: Tensor, unbounded: bool = False) -> Tensor:
     """int8 weights widened to x's dtype, then ``F.linear``, then the per-row scales."""
     return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
@@ -185,9 +225,9 @@ def int8_packed(x: Tensor, q: Tensor, scale: Tensor, unbounded: bool = False) ->
 
 
 KERNELS: dict[str, Callable] = {"linear": linear, "linear_bf16": linear_bf16, "upcast": upcast, "split": split_rows,
-                                "fp16_packed": fp16_packed, "int8_dequantized": int8_dequantized,
+                                "fp16_packed": fp16_packed, "onednn": onednn, "int8_dequantized": int8_dequantized,
                                 "int8_packed": int8_packed}
-PREPARE: dict[str, Callable] = {"fp16_packed": fp16_pack}  # work a kernel does once per weight, before timing
+PREPARE: dict[str, Callable] = {"fp16_packed": fp16_pack, "onednn": onednn_pack}  # work a kernel does once per weight, before timing
 
 
 def safe_kernel(dtype: str) -> str:
@@ -247,6 +287,8 @@ def candidates(kind: str, activation: str = "float32") -> list[Candidate]:
             names.append("split")
             if dtype == "float16" and hasattr(torch, "fbgemm_linear_fp16_weight"):
                 names.append("fp16_packed")
+        if (dtype in ("float32", "bfloat16") or kind == "bf16>fp16") and torch.backends.mkldnn.is_available():
+            names.append("onednn")  # packs a copy of its own: any storage layout will do
         out += [Candidate(dtype, layout, n) for n in names]
     return out
 
@@ -542,7 +584,8 @@ def plan_need(need: Need, int8_ok: bool, extra: dict[str, Callable] | None = Non
         if act == torch.float64 and c.kernel in ("linear", "split", "upcast"):
             return _UNIT["float64"]
         return _UNIT[{"linear": c.dtype, "split": c.dtype, "upcast": "float32", "linear_bf16": "bfloat16",
-                      "int8_packed": "bfloat16", "fp16_packed": "float32"}.get(c.kernel, "float32")]
+                      "int8_packed": "bfloat16", "fp16_packed": "float32",
+                      "onednn": "float32" if c.dtype == "float32" else "bfloat16"}.get(c.kernel, "float32")]
 
     row_flops = 2 * need.out * need.n_in
     timed_rows: list[int] = []
@@ -578,10 +621,10 @@ def plan_need(need: Need, int8_ok: bool, extra: dict[str, Callable] | None = Non
             if extrapolated:
                 timings[c.name].append(_time_at(timings[c.name], i - 1) * rows / timed_rows[i - 1])
                 continue
-            # Decoding a model larger than the cache reads every weight from memory: time few
-            # rows so, on copies that together exceed the cache, taken in turn.
+            # Decoding a model larger than the cache reads every weight from memory: time up to 64
+            # rows (a batch of streams) so, on copies that together exceed the cache, in turn.
             copies = [w]
-            if need.cold and rows <= 16:
+            if need.cold and rows <= 64:
                 copies += [w.clone() for _ in range(-(-2 * last_level_cache_bytes() // (w.numel() * w.element_size())) - 1)]
             for copy in copies[1:]:
                 PREPARE.get(c.kernel, lambda w: None)(copy)
@@ -595,25 +638,37 @@ def _time_at(times: list[float | None], i: int) -> float:
     return float("inf") if times[i] is None else times[i]
 
 
-def choose(entry: dict, allowed_dtypes: set[str] | None = None) -> Choice:
+def choose(entry: dict, allowed_dtypes: set[str] | None = None, copies: bool = True) -> Choice:
     """From an entry's timings: the storage fastest for one row (decoding), then per rows class
-    the fastest kernel on that storage (times :func:`weighted`)."""
+    the fastest kernel on that storage (times :func:`weighted`). ``copies=False``: none of the
+    kernels that keep a second copy of the weight (``RWKVPY_KERNELS=lean``)."""
     timings = {Candidate.parse(n): t for n, t in entry["timings"].items()
-               if allowed_dtypes is None or Candidate.parse(n).dtype in allowed_dtypes}
+               if (allowed_dtypes is None or Candidate.parse(n).dtype in allowed_dtypes)
+               and (copies or Candidate.parse(n).kernel not in PREPARE)}
     if not timings:
         raise RuntimeError("no correct kernel for this projection")
 
-    def cost(c: Candidate, i: int) -> float:
-        return weighted(c, _time_at(timings[c], i))
+    def cost(c: Candidate, i: int, copies: frozenset[str] = frozenset()) -> float:
+        # One row keeps the margin: packed kernels timed alone on one row ran slower in a model
+        # (all of a 169M model's products through oneDNN: 0.8x at batch 1, docs/benchmarks.md).
+        free = c.kernel in copies and i > 0
+        return _time_at(timings[c], i) if free else weighted(c, _time_at(timings[c], i))
 
     best = min(timings, key=lambda c: cost(c, 0))
     on_storage = {c: t for c, t in timings.items() if (c.dtype, c.layout) == (best.dtype, best.layout)}
-    kernels = []
-    for i in range(len(ROW_CLASSES)):
-        fastest = min(on_storage, key=lambda c: cost(c, i))
-        # nothing timed here (a restricted choice): the plain product, which is always right
-        kernels.append(fastest.kernel if on_storage[fastest][i] is not None else safe_kernel(best.dtype))
-    kernels = tuple(kernels)
+
+    def per_class(copies: frozenset[str]) -> tuple[str, ...]:
+        kernels = []
+        for i in range(len(ROW_CLASSES)):
+            fastest = min(on_storage, key=lambda c: cost(c, i, copies))
+            # nothing timed here (a restricted choice): the plain product, which is always right
+            kernels.append(fastest.kernel if on_storage[fastest][i] is not None else safe_kernel(best.dtype))
+        return tuple(kernels)
+
+    kernels = per_class(frozenset())
+    # A copy kept for one rows class costs nothing more in the others: no margin for it there
+    # (but see cost(): one row keeps it).
+    kernels = per_class(frozenset(k for k in kernels if k in PREPARE))
     return Choice(best.dtype, best.layout, kernels)
 
 
