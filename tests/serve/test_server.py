@@ -304,3 +304,41 @@ def test_soak_1000_requests_no_5xx_and_flat_memory():
         assert srv.engine.cache.bytes <= 2 << 20 and srv.engine.cache.entries > 0
     finally:
         srv.stop()
+
+
+def test_a_long_prompt_is_read_a_layer_per_turn_and_reads_the_same(monkeypatch):
+    """With no time for prompts in a decode turn (PREFILL_SHARE 0) a turn still takes one step
+    (about a layer) of the segment being read, so a decoding stream gets a token every turn
+    while a long prompt is read; and that prompt's reply is the one an idle engine gives."""
+    import rwkvpy.serve.engine as engine
+    from rwkvpy.generation.sampling import SamplingParams
+
+    model = rwkvpy.load(default_model_path())
+    tokenizer = tokenizer_for_model(256)
+    long_prompt = list(b"ROMEO:\nWhat light through yonder window breaks?\n" * 3)  # 150 tokens: 5 segments
+
+    def reply(eng, log, tag, prompt, n):
+        job = engine.Job(prompt=prompt, params=SamplingParams(temperature=0, max_new_tokens=n),
+                         emit=lambda e: e.token is not None and log.append((tag, e.token)))
+        eng.submit(job)
+        return job
+
+    idle = engine.Engine(model, tokenizer, prefill_chunk=32).start()
+    alone: list = []
+    reply(idle, alone, "long", long_prompt, 8).done.wait(60)
+    idle.stop()
+
+    monkeypatch.setattr(engine, "PREFILL_SHARE", 0.0)
+    busy = engine.Engine(model, tokenizer, prefill_chunk=32).start()
+    log: list = []
+    decoding = reply(busy, log, "decode", list(b"JULIET:\n"), 400)
+    while len(log) < 3:
+        time.sleep(0.01)
+    long_job = reply(busy, log, "long", long_prompt, 8)
+    long_job.done.wait(60)
+    decoding.cancel()
+    busy.stop()
+    first_long = next(i for i, (tag, _) in enumerate(log) if tag == "long")
+    during = sum(tag == "decode" for tag, _ in log[3:first_long])
+    assert during >= 5 * model.config.n_layer, (during, model.config.n_layer)
+    assert [t for tag, t in log if tag == "long"] == [t for _, t in alone]

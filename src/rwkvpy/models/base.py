@@ -50,6 +50,14 @@ def check_positive_ints(cfg, names) -> None:
             raise CheckpointError(f"config: {name} must be a positive integer, got {value!r}")
 
 
+def finish(steps):
+    """The result of a computation written as steps (``forward_in_steps``): its last item.
+    (Results are yielded, not returned: torch.compile loses a nested generator's return value.)"""
+    for item in steps:
+        pass
+    return item
+
+
 def weights_fingerprint(sd: dict[str, Tensor], samples: int = 4096) -> str:
     """sha256 over names, shapes and up to ``samples`` evenly spaced values of each tensor
     (rounded to bf16, so fp32 and bf16 loads of one checkpoint agree)."""
@@ -111,11 +119,20 @@ class ModelBase(nn.Module):
             raise RwkvpyError(f"token id {bad} is outside the vocabulary [0, {vocab})")
         return tokens.long()
 
+    def forward_in_steps(self, tokens, state=None, *, last_only: bool = False, return_state: bool = True):
+        """``forward``'s computation as a generator of about one layer per ``next()``: None
+        between layers, then ``forward``'s result as the last item. A server reads a long
+        prompt between decode steps this way without making them wait for all of it. The same
+        operations as ``forward``, so the same results to the bit. A family without layer
+        steps computes everything at the first ``next()``."""
+        yield self.forward(tokens, state, last_only=last_only, return_state=return_state)
+
     def run_segments(self, tokens, state, segment_len: int, last_only: bool, return_state: bool, segment):
-        """What every recurrent family's ``forward`` does around its math: check tokens and the
-        state, then run ``segment(tokens (B, t), state, last_only, return_state, zero_in) ->
-        (logits, state)`` on segments of ``segment_len`` tokens, the state carried between them
-        (memory linear in T), and join the logits (only the last position's with ``last_only``).
+        """What every recurrent family's ``forward_in_steps`` does around its math (a generator):
+        check tokens and the state, then run ``segment(tokens (B, t), state, last_only,
+        return_state, zero_in)`` (a generator yielding None between layers, then (logits,
+        state)) on segments of ``segment_len`` tokens, the state carried between them (memory
+        linear in T), and join the logits (only the last position's with ``last_only``).
         ``zero_in``: the segment starts from a new, all-zero state (a family may skip products
         with it)."""
         tokens = self.check_tokens(tokens)
@@ -130,11 +147,14 @@ class ModelBase(nn.Module):
         for start in range(0, T, segment_len):
             end = min(T, start + segment_len)
             last = end == T
-            out, state = segment(tokens[:, start:end], state, last_only and last, return_state or not last, zero_in)
+            for item in segment(tokens[:, start:end], state, last_only and last, return_state or not last, zero_in):
+                if item is None:  # between layers
+                    yield None
+            out, state = item
             zero_in = False
             if not last_only or last:
                 logits.append(out)
-        return (logits[0] if len(logits) == 1 else torch.cat(logits, 1)), (state if return_state else None)
+        yield (logits[0] if len(logits) == 1 else torch.cat(logits, 1)), (state if return_state else None)
 
     def step(self, tokens: Tensor, state=None):
         """One token per stream: tokens (B,) -> logits (B, V), new state."""

@@ -27,7 +27,7 @@ from ..errors import RwkvpyError
 from ..ops.linear import Linear
 from ..ops.retention import (decays, position_scale, retention_chunkwise, retention_parallel, retention_step, rotate,
                              rotation)
-from .base import LanguageModel, build_from_state_dict, check_positive_ints, config_from_dict
+from .base import LanguageModel, build_from_state_dict, check_positive_ints, config_from_dict, finish
 from .state import RecurrentState
 
 PARALLEL_MAX_T = 256  # training windows up to this length take the O(T^2) parallel form
@@ -177,6 +177,10 @@ class RetNet(LanguageModel):
 
     def forward(self, tokens: Tensor, state: RetNetState | None = None, *, last_only: bool = False,
                 return_state: bool = True) -> tuple[Tensor, RetNetState | None]:
+        return finish(self.forward_in_steps(tokens, state, last_only=last_only, return_state=return_state))
+
+    def forward_in_steps(self, tokens: Tensor, state: RetNetState | None = None, *, last_only: bool = False,
+                         return_state: bool = True):
         T = torch.as_tensor(tokens).shape[-1]
         form = "parallel" if self.wants_grad() and T <= PARALLEL_MAX_T else "chunkwise"
         return self.run_segments(tokens, state, SEGMENT_LEN, last_only, return_state,
@@ -196,12 +200,13 @@ class RetNet(LanguageModel):
             x = x + out
             x = x + block.ffn(block.ln2(x))
             states.append(S)
+            yield None  # between layers
         if last_only:
             x = x[:, -1:]
         new = None
         if state_out:
             new = RetNetState(torch.stack(states).to(state.att.dtype), state.pos + T, state.model_id)
-        return self.head(self.ln_out(x)), new
+        yield self.head(self.ln_out(x)), new
 
 
 def build_model(cfg: RetNetConfig, sd: dict[str, Tensor], dtype=torch.float32, device="cpu",

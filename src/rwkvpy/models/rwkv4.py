@@ -27,7 +27,7 @@ from ..ops.activation import channel_mix_products, squared_relu
 from ..ops.linear import Linear
 from ..ops.shift import time_mix
 from ..ops.wkv import EMPTY_LOG, WkvState, own_terms_may_underflow, wkv_chunked, wkv_matmul, wkv_token
-from .base import LanguageModel, build_from_state_dict, check_positive_ints, config_from_dict, orthogonal
+from .base import LanguageModel, build_from_state_dict, check_positive_ints, config_from_dict, finish, orthogonal
 from .state import RecurrentState
 
 # Chunk lengths as measured (docs/benchmarks.md, the 2026-11-22 and 2026-11-24 entries in History).
@@ -218,6 +218,10 @@ class RWKV4(LanguageModel):
         memory grows linearly with T. ``return_state=False`` returns None for the state and
         skips computing it where it can (training on windows).
         """
+        return finish(self.forward_in_steps(tokens, state, last_only=last_only, return_state=return_state))
+
+    def forward_in_steps(self, tokens: Tensor, state: RWKV4State | None = None, *, last_only: bool = False,
+                         return_state: bool = True):
         form = self._form()
         return self.run_segments(tokens, state, SEGMENT_LEN, last_only, return_state,
                                  lambda t, s, lo, rs, zero_in: self._segment(t, s, form, lo, rs))
@@ -252,7 +256,9 @@ class RWKV4(LanguageModel):
     def _segment(self, tokens: Tensor, state: RWKV4State, form: str, last_only: bool, return_state: bool):
         x = self.emb(tokens).to(self.activation_dtype)  # (B, T, C)
         T = tokens.shape[1]
-        channels_first = T > 1 and form in ("train", "prefill")
+        # Training stores k, v, r channels first for the WKV's sums over time; in inference the
+        # planned kernels beat that layout's plain product at every length (8 to 1,024 tokens).
+        channels_first = T > 1 and form == "train"
 
         def wkv(w, u, k, v, s):
             return self._wkv(form, w, u, k, v, s, final_state=return_state)
@@ -265,6 +271,7 @@ class RWKV4(LanguageModel):
             x = x + out
             out, ffn_x = block.ffn(block.ln2(x), state.ffn_x[i], train=form == "train")
             x = x + out
+            yield None  # between layers
             if return_state:
                 new["att_x"].append(att_x)
                 new["ffn_x"].append(ffn_x)
@@ -275,9 +282,10 @@ class RWKV4(LanguageModel):
             x = x[:, -1:]
         logits = self.head(self.ln_out(x))
         if not return_state:
-            return logits, None
+            yield logits, None
+            return
         layers = {k: torch.stack([t.float() for t in v]) for k, v in new.items()}
-        return logits, RWKV4State(**layers, pos=state.pos + tokens.shape[1], model_id=state.model_id)
+        yield logits, RWKV4State(**layers, pos=state.pos + tokens.shape[1], model_id=state.model_id)
 
 
 def random_state_dict(cfg: RWKV4Config, seed: int = 0, dtype=torch.float32) -> dict[str, Tensor]:

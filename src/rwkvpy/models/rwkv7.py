@@ -33,7 +33,7 @@ from ..ops.activation import squared_relu
 from ..ops.linear import Linear
 from ..ops.shift import delta_mix
 from ..ops.wkv7 import wkv7_chunked, wkv7_step
-from .base import LanguageModel, build_from_state_dict, check_positive_ints, config_from_dict, orthogonal
+from .base import LanguageModel, build_from_state_dict, check_positive_ints, config_from_dict, finish, orthogonal
 from .state import RecurrentState
 
 MAX_LOG_DECAY = math.exp(-0.5)  # log w = -e^-0.5 sigmoid(.): decay per token >= e^-0.607
@@ -277,6 +277,10 @@ class RWKV7(LanguageModel):
                 return_state: bool = True) -> tuple[Tensor, RWKV7State | None]:
         """tokens (B, T) -> logits (B, T, V) (or (B, 1, V) with ``last_only``), new state.
         ``state`` is not modified; sequences longer than ``SEGMENT_LEN`` run segment by segment."""
+        return finish(self.forward_in_steps(tokens, state, last_only=last_only, return_state=return_state))
+
+    def forward_in_steps(self, tokens: Tensor, state: RWKV7State | None = None, *, last_only: bool = False,
+                         return_state: bool = True):
         chunk = self.chunk_len or (TRAIN_CHUNK_LEN if self.wants_grad() else PREFILL_CHUNK_LEN)
         return self.run_segments(tokens, state, SEGMENT_LEN, last_only, return_state,
                                  lambda t, s, lo, rs, zero_in: self._segment(t, s, chunk, lo, zero_in))
@@ -304,12 +308,13 @@ class RWKV7(LanguageModel):
             att_x.append(ax)
             wkv_s.append(S)
             ffn_x.append(fx)
+            yield None  # between layers
         if last_only:
             x = x[:, -1:]
         logits = self.head(self.ln_out(x))
         new = RWKV7State(torch.stack(att_x).to(sdt), torch.stack(wkv_s).to(sdt), torch.stack(ffn_x).to(sdt),
                          state.pos + tokens.shape[1], state.model_id)
-        return logits, new
+        yield logits, new
 
 
 def is_matrix(key: str, t: Tensor) -> bool:

@@ -2,9 +2,10 @@
 
 Each turn of the loop (1) feeds the last sampled token of every decoding stream in one batched
 ``model.step`` (one state row per stream) and samples each stream's next token with its own
-generator, then (2) prefills queued prompts chunk by chunk for about as long as a decode step
-took, so running streams keep a bounded inter-token latency. Streams join the batch when their
-prompt is read and leave when they finish or are cancelled (a disconnected client).
+generator, then (2) reads queued prompts, a segment at a time and about one layer per step
+(``model.forward_in_steps``), for up to PREFILL_SHARE of the decode step's time, so running
+streams keep a bounded inter-token latency however long a prompt is. Streams join the batch
+when their prompt is read and leave when they finish or are cancelled (a disconnected client).
 
 Prompts are read in segments whose boundaries depend only on absolute positions (multiples of
 ``prefill_chunk``) and on the request's checkpoints (message boundaries), where the state is
@@ -20,7 +21,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -33,20 +34,34 @@ from .cache import PrefixCache
 
 
 IDLE_PREFILL_SECONDS = 0.1  # with nothing decoding, prefill this long between admissions
+PREFILL_SHARE = 0.75  # a decode turn reads prompts for at most this fraction of its step's time
 
 
-PREFILL_CHUNKS = (8, 16, 32, 64, 128)
+PREFILL_CHUNKS = (8, 16, 32, 64, 128, 256)
 
 
 @torch.no_grad()
-def measure_prefill_chunk(model, slack: float = 2.0) -> int:
-    """The longest prompt segment (of PREFILL_CHUNKS) that reads in at most ``slack`` times a
-    one-stream decode step on this machine, so that a decode turn that also reads a segment
-    takes at most ~3 steps. Where even the shortest costs more (small-row products can cost
-    several times a one-row one), the longest costing at most 1.25x the shortest: latency
-    cannot be bounded there, so prompts are at least read fast. Measured once at start."""
+def measure_prefill_chunk(model, slack: float = 0.5) -> int:
+    """The longest prompt segment (of PREFILL_CHUNKS) whose longest step of
+    ``model.forward_in_steps`` (about one layer) takes at most ``slack`` times a one-stream
+    decode step on this machine: a turn that reads prompts overruns its budget by at most that.
+    A family without layer steps reads a whole segment in one step. Where even the shortest
+    costs more, the longest costing at most 1.25x the shortest: latency cannot be bounded
+    there, so prompts are at least read fast. Measured once at start."""
     state = model.zero_state(1)
     tok = torch.zeros(1, dtype=torch.long, device=model.device)
+
+    def longest_step(n: int) -> float:
+        ids = torch.zeros(1, n, dtype=torch.long, device=model.device)
+        times = []
+        for _ in range(3):  # the first warms up
+            steps, item, worst = model.forward_in_steps(ids, state, last_only=True), None, 0.0
+            while item is None:
+                t0 = time.perf_counter()
+                item = next(steps)
+                worst = max(worst, time.perf_counter() - t0)
+            times.append(worst)
+        return sorted(times[1:])[0]
 
     def seconds(fn) -> float:
         fn()  # warm-up
@@ -60,8 +75,7 @@ def measure_prefill_chunk(model, slack: float = 2.0) -> int:
     step = seconds(lambda: model.step(tok, state))
     costs = {}
     for n in PREFILL_CHUNKS:
-        ids = torch.zeros(1, n, dtype=torch.long, device=model.device)
-        costs[n] = seconds(lambda: model(ids, state, last_only=True))
+        costs[n] = longest_step(n)
         if costs[n] > max(slack * step, 1.25 * costs[PREFILL_CHUNKS[0]]):
             break
     limit = max(slack * step, 1.25 * costs[PREFILL_CHUNKS[0]])
@@ -177,6 +191,8 @@ class Engine:
         self.inbox: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self.waiting: deque[Job] = deque()
         self.prefilling: deque[Job] = deque()
+        # the segment being read: its jobs, their spans, and the model's steps through it
+        self.reading: tuple[list[Job], dict[Job, tuple[int, int]], Iterator] | None = None
         self.streams: list[Stream] = []
         self.batch: tuple[list[Stream], RecurrentState] | None = None
         self.waiting_count = 0  # jobs submitted and not yet admitted (read by submit)
@@ -219,7 +235,7 @@ class Engine:
             for i in range(job.n):
                 job.emit(Event(i, error=message))
             job.done.set()
-        self.streams, self.batch = [], None
+        self.streams, self.batch, self.reading = [], None, None
         self.prefilling.clear()
 
     def _turn(self) -> None:
@@ -233,7 +249,7 @@ class Engine:
             busy = True
         decode_time = time.perf_counter() - t0
         if self.prefilling:
-            self._prefill(budget=decode_time if busy else IDLE_PREFILL_SECONDS)
+            self._prefill(budget=PREFILL_SHARE * decode_time if busy else IDLE_PREFILL_SECONDS)
             busy = True
         self._report()
         if not busy:
@@ -285,33 +301,52 @@ class Engine:
         return min(ends)
 
     def _prefill(self, budget: float) -> None:
-        """Read prompt segments until ``budget`` seconds are spent. Jobs whose next segments
-        have the same length are read together, one row each (a batch of new short prompts
-        costs about one call)."""
-        t0 = time.perf_counter()
+        """Read prompt segments about one layer at a time (``model.forward_in_steps``) while the
+        next step fits in ``budget`` seconds (at least one step a turn). Jobs whose next
+        segments have the same length are read together, one row each (a batch of new short
+        prompts costs about one call). A segment's steps are the same operations whichever
+        turns they fall in, so its result does not depend on the load."""
+        t0, last_step = time.perf_counter(), 0.0
         while self.prefilling:
-            ready = [j for j in self.prefilling if j.pos >= len(j.prompt)]  # wholly cached prompts
-            if not ready:
-                spans = {job: (job.pos, self._segments_end(job)) for job in self.prefilling}
-                first = self.prefilling[0]
-                length = spans[first][1] - spans[first][0]
-                group = [j for j in self.prefilling if spans[j][1] - spans[j][0] == length][:self.max_streams]
-                ids = torch.tensor([j.prompt[spans[j][0]:spans[j][1]] for j in group], device=self.model.device)
-                state = group[0].state if len(group) == 1 else type(group[0].state).concat([j.state for j in group])
-                logits, state = self.model(ids, state, last_only=True)
-                for row, job in enumerate(group):
-                    job.state = state if len(group) == 1 else state.select(row)
-                    job.logits, job.pos = logits[row, -1], spans[job][1]
-                    if job.pos in job.checkpoints or job.pos == len(job.prompt):
-                        self.cache.insert(job.prompt[:job.pos], job.state, job.logits)
-                if self.metrics:
-                    self.metrics.prompt_tokens.inc(ids.numel())
-                ready = [j for j in group if j.pos >= len(j.prompt)]
-            for job in ready:
+            if self.reading is None:
+                ready = [j for j in self.prefilling if j.pos >= len(j.prompt)]  # wholly cached prompts
+                for job in ready:
+                    self.prefilling.remove(job)
+                    self._start_streams(job)
+                if ready or not self.prefilling:
+                    continue
+                self.reading = self._next_segment()
+            if time.perf_counter() - t0 + last_step > budget and last_step:
+                return
+            group, spans, steps = self.reading
+            t_step = time.perf_counter()
+            item = next(steps)
+            last_step = time.perf_counter() - t_step
+            if item is not None:
+                self.reading = None
+                self._segment_read(group, spans, *item)
+
+    def _next_segment(self) -> tuple[list[Job], dict[Job, tuple[int, int]], Iterator]:
+        spans = {job: (job.pos, self._segments_end(job)) for job in self.prefilling}
+        length = spans[self.prefilling[0]][1] - spans[self.prefilling[0]][0]
+        group = [j for j in self.prefilling if spans[j][1] - spans[j][0] == length][:self.max_streams]
+        ids = torch.tensor([j.prompt[spans[j][0]:spans[j][1]] for j in group], device=self.model.device)
+        state = group[0].state if len(group) == 1 else type(group[0].state).concat([j.state for j in group])
+        return group, {j: spans[j] for j in group}, self.model.forward_in_steps(ids, state, last_only=True)
+
+    def _segment_read(self, group: list[Job], spans: dict, logits: torch.Tensor, state: RecurrentState) -> None:
+        for row, job in enumerate(group):
+            if job not in self.prefilling:  # cancelled while its segment was read
+                continue
+            job.state = state if len(group) == 1 else state.select(row)
+            job.logits, job.pos = logits[row, -1], spans[job][1]
+            if job.pos in job.checkpoints or job.pos == len(job.prompt):
+                self.cache.insert(job.prompt[:job.pos], job.state, job.logits)
+            if job.pos >= len(job.prompt):
                 self.prefilling.remove(job)
                 self._start_streams(job)
-            if time.perf_counter() - t0 >= budget:
-                return
+        if self.metrics:
+            self.metrics.prompt_tokens.inc(sum(b - a for a, b in spans.values()))
 
     def _start_streams(self, job: Job) -> None:
         for i in range(job.n):
