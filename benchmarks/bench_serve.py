@@ -5,7 +5,9 @@
 
 Random weights with the 169M shape (vocabulary 50277, the 20B tokenizer) by default; prompts are
 random token ids (the completions API takes them), greedy decoding. Reports per stream count:
-time to first token, inter-token latency p50/p99 and total tokens/s; then time to first token
+time to first token, inter-token latency p50/p99, total tokens/s and the server's mean time of
+one batched model step (from /metrics: the rest of a token's time is the engine's sampling, HTTP
+and the clients, which share the machine); then time to first token
 with a cached 1,000-token prefix against an uncached one, and a decoding stream's inter-token
 latency while another request's 4,000-token prompt is read, against its p50 alone.
 """
@@ -76,6 +78,16 @@ def concurrent(url: str, n: int, tokens: int, vocab: int, seed: int) -> dict:
             "itl_p99_s": percentile(itl, 0.99), "tok_s": total / wall}
 
 
+def step_seconds(url: str) -> tuple[float, float]:
+    """(sum, count) of the server's decode step times, from /metrics."""
+    values = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("rwkvpy_step_seconds_sum", "rwkvpy_step_seconds_count"):
+            values[name] = float(value)
+    return values["rwkvpy_step_seconds_sum"], values["rwkvpy_step_seconds_count"]
+
+
 def ttft(url: str, prompt: list[int]) -> float:
     r = stream_request(url, prompt, 1)
     return r["times"][0] - r["start"]
@@ -120,12 +132,18 @@ def main() -> None:
             print(next(ln for ln in (Path(tmp) / "server.log").read_text().splitlines()
                        if ln.startswith("rwkvpy serve:")))
             stream_request(url, [1, 2, 3], 4)  # warm-up
-            results = {"concurrency": [concurrent(url, int(n), args.tokens, cfg.vocab_size, seed=int(n))
-                                       for n in args.streams.split(",")]}
-            print(f"\n{'streams':>8s} {'TTFT s':>8s} {'ITL p50 ms':>11s} {'ITL p99 ms':>11s} {'tok/s':>8s}")
+            results = {"concurrency": []}
+            for n in args.streams.split(","):
+                before = step_seconds(url)
+                r = concurrent(url, int(n), args.tokens, cfg.vocab_size, seed=int(n))
+                after = step_seconds(url)
+                r["model_step_s"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])
+                results["concurrency"].append(r)
+            print(f"\n{'streams':>8s} {'TTFT s':>8s} {'ITL p50 ms':>11s} {'ITL p99 ms':>11s} {'tok/s':>8s} "
+                  f"{'model step ms':>14s}")
             for r in results["concurrency"]:
                 print(f"{r['streams']:8d} {r['ttft_s']:8.3f} {r['itl_p50_s'] * 1e3:11.1f} "
-                      f"{r['itl_p99_s'] * 1e3:11.1f} {r['tok_s']:8.1f}")
+                      f"{r['itl_p99_s'] * 1e3:11.1f} {r['tok_s']:8.1f} {r['model_step_s'] * 1e3:14.1f}")
             one = results["concurrency"][0]["tok_s"]
             for r in results["concurrency"][1:]:
                 print(f"tok/s with {r['streams']} streams / 1 stream: x{r['tok_s'] / one:.2f}")
