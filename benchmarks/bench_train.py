@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from rwkvpy.models import RetNetConfig, RWKV4Config, RWKV7Config, build_model, official_init
 from rwkvpy.models.gpt import GPT, GPTConfig
+from rwkvpy.ops.allocator import keep_freed_memory
 
 # GPT heads: nanoGPT's CPU setting has 4 (as experiments/nanogpt_cpu.py); 6 x 512: heads of 64.
 SIZES = {"nanogpt-cpu": dict(n_layer=4, n_embd=128, n_head=4, ctx=64, batch=12),
@@ -85,6 +86,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile rwkvpy's models (as train --compile)")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: every model under autocast")
     args = ap.parse_args()
+    keep_freed_memory()  # as `rwkvpy train` runs (RWKVPY_MALLOC=default: glibc as it is)
     gflops = gemm_gflops()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 GEMM {gflops:.0f} GFLOP/s, "
           f"{args.precision}{', rwkvpy models compiled' if args.compile else ''}")

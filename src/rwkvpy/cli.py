@@ -21,6 +21,7 @@ from .generation import FORMATS as CHAT_FORMATS
 from .generation import ChatSession, SamplingParams, generate
 from .loading import default_model_path, load, load_initial_state, quantize_checkpoint
 from .models import RWKV4Config, build_model, random_state_dict
+from .ops.allocator import keep_freed_memory
 from .tokenizers import tokenizer_for_model
 
 
@@ -446,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         return args.func(args)
     except RwkvpyError as e:

@@ -12,6 +12,7 @@ from .errors import RwkvpyError
 from .io import atomic_write, read_safetensors
 from .models import RWKV7, ModelBase, RWKV7State, build_model, load_state, projections
 from .models.state import STATE_FORMAT
+from .ops.allocator import keep_freed_memory
 from .ops.linear import plan_projections
 from .ops.plan import kernels_mode
 from .ops.quant import check_loss_increase, is_quantized, logit_agreement, quantize_state_dict
@@ -68,6 +69,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu",
     ``RWKVPY_KERNELS=lean`` leaves out the kernels that keep a second copy of a weight.
     ``plan_report`` (a list) receives the plan and the timings behind it, as text lines.
     """
+    keep_freed_memory()  # page faults on every large temporary otherwise (ops/allocator.py)
     cfg, sd, _ = read_checkpoint(path)
     model = build_model(cfg, sd, dtype=parse_dtype(dtype), device=device, quantize=quantize)
     model.requires_grad_(False)

@@ -29,6 +29,7 @@ from ..checkpoint import save_native
 from ..errors import RwkvpyError
 from ..io import atomic_write, atomic_write_text
 from ..models import GPT, GPTConfig, RetNetConfig, RWKV4Config, RWKV7Config, build_model, official_init
+from ..ops.allocator import keep_freed_memory
 from ..tokenizers import load_tokenizer
 from .data import TokenData, WindowSampler, eval_starts, load_data, windows
 from .evaluate import summed_loss
@@ -169,6 +170,7 @@ def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, arch: str) -> to
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False):
+        keep_freed_memory()  # a training step's temporaries would each fault their pages in again
         self.rank, self.world = _init_distributed(cfg.device)
         self.out = Path(cfg.out_dir)
         self.ckpt_path = self.out / "ckpt.pt"
