@@ -342,3 +342,36 @@ def test_a_long_prompt_is_read_a_layer_per_turn_and_reads_the_same(monkeypatch):
     during = sum(tag == "decode" for tag, _ in log[3:first_long])
     assert during >= 5 * model.config.n_layer, (during, model.config.n_layer)
     assert [t for tag, t in log if tag == "long"] == [t for _, t in alone]
+
+
+def test_a_prompt_cancelled_while_read_stops_being_read(monkeypatch):
+    """A client that leaves while its prompt's segment is half read: the engine drops that
+    segment at its next turn (no more layers spent on it) and serves the next request."""
+    import rwkvpy.serve.engine as engine
+    from rwkvpy.generation.sampling import SamplingParams
+
+    monkeypatch.setattr(engine, "PREFILL_SHARE", 0.0)  # one layer a turn while a stream decodes
+    eng = engine.Engine(rwkvpy.load(default_model_path()), tokenizer_for_model(256), prefill_chunk=32).start()
+    tokens: list = []
+    params = SamplingParams(temperature=0, max_new_tokens=400)
+    decoding = engine.Job(prompt=list(b"JULIET:\n"), params=params, emit=lambda e: tokens.append(e.token))
+    eng.submit(decoding)
+    while len(tokens) < 3:
+        time.sleep(0.01)
+    leaving = engine.Job(prompt=list(b"ROMEO:\n" * 40), params=params, emit=lambda e: None)
+    eng.submit(leaving)
+    while eng.reading is None:
+        time.sleep(0.001)
+    leaving.cancel()
+    assert leaving.done.wait(10)
+    deadline = time.time() + 5
+    while (reading := eng.reading) is not None and leaving in reading[0] and time.time() < deadline:
+        time.sleep(0.01)
+    assert reading is None or leaving not in reading[0]
+    got: list = []
+    after = engine.Job(prompt=list(b"KING:\n"), params=SamplingParams(temperature=0, max_new_tokens=4),
+                       emit=lambda e: e.token is not None and got.append(e.token))
+    eng.submit(after)
+    assert after.done.wait(30) and len(got) == 4
+    decoding.cancel()
+    eng.stop()

@@ -271,6 +271,8 @@ class Engine:
                     with self.lock:
                         self.waiting_count -= 1
                 job.done.set()
+        if self.reading is not None and not any(j in self.prefilling for j in self.reading[0]):
+            self.reading = None  # every job of the segment being read has gone
         gone = [s for s in self.streams if s.job.cancelled.is_set()]
         for s in gone:
             self._leave(s)
