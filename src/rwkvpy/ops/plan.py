@@ -164,6 +164,12 @@ def _(x: Tensor, w: Tensor) -> Tensor:
     return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
+def _has_onednn() -> bool:
+    """Whether this build has oneDNN and the two ops :func:`onednn` calls (torch.compile's own)."""
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
 def onednn_pack(w: Tensor) -> Tensor:
     """oneDNN's blocked form of a weight (out, in) for :func:`onednn`, made once per weight and
     kept on it (remade after in-place writes). An fp16 weight is a faithful bf16 one
@@ -287,7 +293,7 @@ def candidates(kind: str, activation: str = "float32") -> list[Candidate]:
             names.append("split")
             if dtype == "float16" and hasattr(torch, "fbgemm_linear_fp16_weight"):
                 names.append("fp16_packed")
-        if (dtype in ("float32", "bfloat16") or kind == "bf16>fp16") and torch.backends.mkldnn.is_available():
+        if (dtype in ("float32", "bfloat16") or kind == "bf16>fp16") and _has_onednn():
             names.append("onednn")  # packs a copy of its own: any storage layout will do
         out += [Candidate(dtype, layout, n) for n in names]
     return out
