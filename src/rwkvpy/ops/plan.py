@@ -188,8 +188,9 @@ def onednn(x: Tensor, w: Tensor, scale: Tensor | None = None, unbounded: bool = 
     """oneDNN's product with the weight in its own blocked layout (as torch.compile's freezing
     packs it), x in the packed weight's type (fp32, or bf16 for half weights) and y back in
     x's. Where a few rows meet a large weight, MKL's ``F.linear`` here runs at a third of
-    this (the 169M head at 16 rows: 34 ms against 10.6; docs/benchmarks.md); for one row it is
-    slower than the plain products, so the plan keeps both copies only where it wins."""
+    this (the 169M head at 8 rows: 26.0 ms against 9.0 as this machine's plan timed them;
+    docs/benchmarks.md); for one row it is slower than the plain products, so the plan keeps
+    both copies only where it wins."""
     product = _onednn_op if torch.compiler.is_compiling() else _onednn_product
     return product(x, w)
 
