@@ -375,3 +375,22 @@ def test_a_prompt_cancelled_while_read_stops_being_read(monkeypatch):
     assert after.done.wait(30) and len(got) == 4
     decoding.cancel()
     eng.stop()
+
+
+def test_prompt_reading_share_grows_with_the_streams_waiting_for_it():
+    """One prompt beside one decoding stream keeps the plain share (its latency bound); a
+    burst of new requests gets more, up to MAX_PREFILL_WEIGHT times."""
+    import rwkvpy.serve.engine as engine
+    from rwkvpy.generation.sampling import SamplingParams
+
+    eng = engine.Engine(rwkvpy.load(default_model_path()), tokenizer_for_model(256), prefill_chunk=32)
+    job = lambda n=1: engine.Job(prompt=[1], params=SamplingParams(), emit=lambda e: None, n=n)  # noqa: E731
+    eng.streams = [object()]
+    eng.prefilling.extend([job()])
+    assert eng._prefill_weight() == 1
+    eng.prefilling.extend([job(), job(n=2)])
+    assert eng._prefill_weight() == 4  # four choices wait for one stream
+    eng.prefilling.extend([job(n=3)] * 5)
+    assert eng._prefill_weight() == engine.MAX_PREFILL_WEIGHT
+    eng.streams = [object()] * 8
+    assert eng._prefill_weight() == 19 / 8

@@ -34,7 +34,8 @@ from .cache import PrefixCache
 
 
 IDLE_PREFILL_SECONDS = 0.1  # with nothing decoding, prefill this long between admissions
-PREFILL_SHARE = 0.75  # a decode turn reads prompts for at most this fraction of its step's time
+PREFILL_SHARE = 0.75  # a decode turn reads prompts for at most this fraction of its step's time,
+MAX_PREFILL_WEIGHT = 4  # times (up to this) the streams waiting for their prompt per stream decoding
 
 
 PREFILL_CHUNKS = (8, 16, 32, 64, 128, 256)
@@ -249,12 +250,20 @@ class Engine:
             busy = True
         decode_time = time.perf_counter() - t0
         if self.prefilling:
-            self._prefill(budget=PREFILL_SHARE * decode_time if busy else IDLE_PREFILL_SECONDS)
+            self._prefill(budget=PREFILL_SHARE * decode_time * self._prefill_weight() if busy
+                          else IDLE_PREFILL_SECONDS)
             busy = True
         self._report()
         if not busy:
             self.wake.wait(timeout=0.05)
             self.wake.clear()
+
+    def _prefill_weight(self) -> float:
+        """Prompt reading's share of a turn grows with the streams waiting for it (a burst of
+        new requests joins sooner), up to MAX_PREFILL_WEIGHT; one long prompt beside one
+        decoding stream keeps the plain share (its latency bound)."""
+        waiting = sum(j.n for j in self.prefilling)
+        return min(MAX_PREFILL_WEIGHT, max(1.0, waiting / max(1, len(self.streams))))
 
     def _take_inbox(self) -> None:
         while True:
