@@ -287,3 +287,27 @@ def test_the_int8_kernel_never_gets_a_misaligned_weight(tmp_path):
     """)
     r = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.returncode, r.stderr[-2000:])
+
+
+@pytest.mark.parametrize("kernel, dtype", [("onednn", torch.float32), ("onednn", torch.bfloat16),
+                                           ("fp16_packed", torch.float16)])
+def test_packed_kernels_run_under_torch_compile(kernel, dtype):
+    """Kernels whose packed weight torch.compile cannot trace run as custom ops there: a compiled
+    batched step with every projection forced onto one of them decodes as the eager step."""
+    if kernel not in {c.kernel for c in plan.candidates({torch.float32: "fp32", torch.bfloat16: "bf16",
+                                                         torch.float16: "fp16"}[dtype])}:
+        pytest.skip(f"this build has no {kernel} product")
+    cfg = RWKV4Config(vocab_size=96, n_embd=64, n_layer=2, dim_ffn=128)
+    model = build_model(cfg, random_state_dict(cfg, seed=5), dtype=dtype)
+    model.requires_grad_(False)
+    for m in model.modules():
+        if isinstance(m, Linear):
+            m.kernels = (plan.KERNELS[kernel],) * len(plan.ROW_CLASSES)
+    tokens = torch.randint(0, cfg.vocab_size, (3, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, state = model(tokens[:, :3])
+        ref = [model.step(tokens[:, t], state)[0] for t in range(3, 6)]
+        model.compile_step()
+        got = [model.step(tokens[:, t], state)[0] for t in range(3, 6)]
+    for a, b in zip(got, ref):
+        assert rel_err(a, b) < 1e-5
