@@ -9,8 +9,8 @@ with freed memory kept; docs/benchmarks.md). The cost: memory freed by the proce
 resident for its next use (up to ``TRIM_BYTES`` above the heap's top), as tcmalloc and
 jemalloc keep it.
 
-Process-wide, so applied where rwkvpy owns the process or the model: the ``rwkvpy`` command
-and :func:`rwkvpy.load`. ``RWKVPY_MALLOC=default`` leaves glibc as it is; elsewhere (no glibc)
+Process-wide, so applied where rwkvpy owns the process or the model: the ``rwkvpy`` command,
+:func:`rwkvpy.load` and the trainer. ``RWKVPY_MALLOC=default`` leaves glibc as it is; elsewhere (no glibc)
 nothing happens.
 """
 
