@@ -4,7 +4,7 @@ long prompts between decode steps), the same operations as ``forward``."""
 import pytest
 import torch
 
-from rwkvpy.models import (GPTConfig, RetNetConfig, RWKV4Config, RWKV7Config, build_model, random_state_dict)
+from rwkvpy.models import GPTConfig, RetNetConfig, RWKV4Config, RWKV7Config, build_model, random_state_dict
 from rwkvpy.models.base import finish
 
 CONFIGS = {
@@ -32,7 +32,8 @@ def test_steps_compute_forward_to_the_bit(arch):
     assert len(items) - 1 == (0 if arch == "gpt" else cfg.n_layer)
     logits, got_state = items[-1]
     assert torch.equal(logits, want_logits)
-    for a, b in zip(torch.utils._pytree.tree_leaves(got_state.__dict__), torch.utils._pytree.tree_leaves(want_state.__dict__)):
-        assert not isinstance(a, torch.Tensor) or torch.equal(a, b)
+    leaves = torch.utils._pytree.tree_leaves
+    for a, b in zip(leaves(got_state.__dict__), leaves(want_state.__dict__), strict=True):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
     with torch.no_grad():
         assert torch.equal(finish(model.forward_in_steps(more, state))[0], model(more, state)[0])

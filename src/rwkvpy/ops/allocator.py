@@ -10,8 +10,8 @@ resident for its next use (up to ``TRIM_BYTES`` above the heap's top), as tcmall
 jemalloc keep it.
 
 Process-wide, so applied where rwkvpy owns the process or the model: the ``rwkvpy`` command,
-:func:`rwkvpy.load` and the trainer. ``RWKVPY_MALLOC=default`` leaves glibc as it is; elsewhere (no glibc)
-nothing happens.
+:func:`rwkvpy.load` and the trainer. ``RWKVPY_MALLOC=default`` leaves glibc as it is; elsewhere
+(no glibc) nothing happens.
 """
 
 from __future__ import annotations
