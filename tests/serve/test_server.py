@@ -394,3 +394,38 @@ def test_prompt_reading_share_grows_with_the_streams_waiting_for_it():
     assert eng._prefill_weight() == engine.MAX_PREFILL_WEIGHT
     eng.streams = [object()] * 8
     assert eng._prefill_weight() == 19 / 8
+
+
+def test_the_serve_command_answers_stops_on_sigterm_and_refuses_a_taken_port():
+    """``rwkvpy serve`` (the engine on the main thread, HTTP on another): it answers, a second
+    server on the same port exits 1 with one line, and SIGTERM stops the first one cleanly."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "rwkvpy", "serve", "--port", str(port)]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).json() == {"status": "ok"}:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None and time.time() < deadline, server.stderr.read()
+            time.sleep(0.2)
+        body = {"model": "default", "prompt": "ROMEO:", "max_tokens": 5, "temperature": 0}
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 1
+        assert second.stderr.strip().splitlines()[-1].startswith("rwkvpy: error:") and "port" in second.stderr
+        assert "Traceback" not in second.stderr
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()

@@ -3,11 +3,13 @@ cache, over any model of :mod:`rwkvpy.models` (it sees them only through their i
 
 from __future__ import annotations
 
+import signal
 import socket
 import sys
 import threading
 import time
 
+from ..errors import RwkvpyError
 from .api import create_app
 from .engine import Engine, Event, Job, QueueFull
 from .metrics import Metrics
@@ -70,12 +72,35 @@ class Server:
         return self
 
     def run(self) -> None:
+        """Serve until interrupted (the CLI). The engine's loop runs on this thread, which
+        loaded the model and so already owns torch's OpenMP workers; on a thread of its own it
+        would get a second set, and libgomp, seeing more threads than cores, stops letting them
+        spin between ops: decode steps ran 1.4-2x slower (docs/design.md). HTTP runs on another
+        thread; if it stops (a port in use), so does the engine."""
         self._share_the_interpreter()
-        self.engine.start()
+        failed = []
+
+        def http() -> None:
+            try:
+                self.uvicorn.run()
+            except BaseException as e:  # noqa: BLE001 - uvicorn exits with SystemExit on a bad port
+                failed.append(e)
+            finally:
+                self.engine.stop()
+
+        self.thread = threading.Thread(target=http, name="rwkvpy-http", daemon=True)
+        self.thread.start()
+        signal.signal(signal.SIGTERM, lambda *_: self.engine.stop())  # a graceful stop, as uvicorn's own
         try:
-            self.uvicorn.run()
+            self.engine.loop()
         finally:
+            self.uvicorn.should_exit = True
             self.engine.stop()
+            self.thread.join(timeout=10)
+        if not self.uvicorn.started:
+            raise RwkvpyError(f"the HTTP server did not start on {self.url} (is the port in use?)")
+        if failed:
+            raise RwkvpyError(f"the HTTP server on {self.url} failed: {failed[0]!r}")
 
     def stop(self) -> None:
         self.uvicorn.should_exit = True

@@ -161,7 +161,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, chat_format: str = "w
 
     @app.get("/health")
     async def health():
-        if not engine.thread.is_alive():
+        if not engine.running:
             return error_response(503, "the engine is not running", "server_error")
         return {"status": "ok"}
 

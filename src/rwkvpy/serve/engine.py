@@ -200,17 +200,20 @@ class Engine:
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.stopped = False
-        self.thread = threading.Thread(target=self._run, name="rwkvpy-engine", daemon=True)
+        self.running = False  # while loop() runs, on whichever thread
+        self.thread = threading.Thread(target=self.loop, name="rwkvpy-engine", daemon=True)
         self.step_seconds = 0.0
 
     def start(self) -> "Engine":
+        self.running = True  # already, for a health check that comes before the thread's first turn
         self.thread.start()
         return self
 
     def stop(self) -> None:
         self.stopped = True
         self.wake.set()
-        self.thread.join(timeout=10)
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join(timeout=10)
 
     def submit(self, job: Job) -> None:
         with self.lock:
@@ -222,7 +225,16 @@ class Engine:
 
     # --- the loop -------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def loop(self) -> None:
+        """The engine's loop until ``stop()``: on its own thread after ``start()``, or on the
+        caller's (``Server.run`` keeps it on the main thread, see there)."""
+        self.running = True
+        try:
+            self._loop()
+        finally:
+            self.running = False
+
+    def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while not self.stopped:
             try:
