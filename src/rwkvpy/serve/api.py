@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 import time
 import uuid
 from typing import Literal
@@ -124,9 +125,33 @@ def render_chat(messages: list[ChatMessage], fmt_name: str) -> list[str]:
     return parts
 
 
+class Mailbox:
+    """Events from the engine's thread to the event loop with one wake-up of the loop per batch
+    (a decode step of 32 streams posts 32 events at once), not one per event: each wake-up
+    also hands the interpreter over between the two threads."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.items, self.lock, self.scheduled = loop, [], threading.Lock(), False
+
+    def post(self, queue: asyncio.Queue, event: Event) -> None:
+        with self.lock:
+            self.items.append((queue, event))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.items, self.scheduled = self.items, [], False
+        for queue, event in items:
+            queue.put_nowait(event)
+
+
 def create_app(engine: Engine, tokenizer, model_name: str, chat_format: str = "world", api_key: str | None = None,
                max_prompt_tokens: int = 16384, metrics=None) -> FastAPI:
     app = FastAPI(title="rwkvpy", docs_url=None, redoc_url=None, openapi_url=None)
+    mailboxes: dict = {}  # the event loop serving this app and its Mailbox
     created = int(time.time())
 
     @app.exception_handler(ApiError)
@@ -253,8 +278,11 @@ def create_app(engine: Engine, tokenizer, model_name: str, chat_format: str = "w
 
     async def run(job: Job, req: _Common, request: Request, kind: str):
         loop = asyncio.get_running_loop()
+        if mailboxes.get("loop") is not loop:
+            mailboxes.update(loop=loop, box=Mailbox(loop))
+        box = mailboxes["box"]
         events: asyncio.Queue[Event] = asyncio.Queue()
-        job.emit = lambda e: loop.call_soon_threadsafe(events.put_nowait, e)
+        job.emit = lambda e: box.post(events, e)
         try:
             engine.submit(job)
         except QueueFull as e:
