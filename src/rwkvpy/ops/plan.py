@@ -130,15 +130,22 @@ def split_rows(x: Tensor, w: Tensor, scale: Tensor | None = None, unbounded: boo
 warnings.filterwarnings("ignore", message=".*fbgemm_(linear|pack_gemm_matrix)_fp16.*deprecated")
 
 
-def fp16_pack(w: Tensor) -> tuple[Tensor, Tensor]:
-    """fbgemm's packed form of an fp16 weight (out, in) and a zero bias, made once per weight and
-    kept on it (remade if the weight is changed in place: ``_version`` counts those writes)."""
-    packed = getattr(w, "_rwkvpy_fp16_packed", None)
-    if packed is None or packed[0] != w._version:
+def kept_on(w: Tensor, name: str, make: Callable[[Tensor], object]):
+    """``make(w)``, made once per weight and kept on it as attribute ``name``; made again if the
+    weight was changed in place since (``_version`` counts those writes). For the packed copies
+    of the kernels in PREPARE."""
+    kept = getattr(w, name, None)
+    if kept is None or kept[0] != w._version:
         with torch.no_grad():
-            packed = (w._version, torch.fbgemm_pack_gemm_matrix_fp16(w.float()), w.new_zeros(w.shape[0], dtype=torch.float32))
-        w._rwkvpy_fp16_packed = packed
-    return packed[1], packed[2]
+            kept = (w._version, make(w))
+        setattr(w, name, kept)
+    return kept[1]
+
+
+def fp16_pack(w: Tensor) -> tuple[Tensor, Tensor]:
+    """fbgemm's packed form of an fp16 weight (out, in) and a zero bias, kept on the weight."""
+    return kept_on(w, "_rwkvpy_fp16_packed", lambda w: (torch.fbgemm_pack_gemm_matrix_fp16(w.float()),
+                                                        w.new_zeros(w.shape[0], dtype=torch.float32)))
 
 
 def fp16_packed(x: Tensor, w: Tensor, scale: Tensor | None = None, unbounded: bool = False) -> Tensor:
@@ -156,12 +163,13 @@ def _fp16_product(x: Tensor, w: Tensor) -> Tensor:
     return torch.fbgemm_linear_fp16_weight(x, packed, bias)
 
 
-_fp16_packed_op = torch.library.custom_op("rwkvpy::fp16_packed", _fp16_product, mutates_args=())
-
-
-@_fp16_packed_op.register_fake
-def _(x: Tensor, w: Tensor) -> Tensor:
+def _product_shape(x: Tensor, w: Tensor) -> Tensor:
+    """What tracing needs of a packed product (a custom op): y's shape and type."""
     return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+_fp16_packed_op = torch.library.custom_op("rwkvpy::fp16_packed", _fp16_product, mutates_args=())
+_fp16_packed_op.register_fake(_product_shape)
 
 
 def _has_onednn() -> bool:
@@ -171,17 +179,15 @@ def _has_onednn() -> bool:
 
 
 def onednn_pack(w: Tensor) -> Tensor:
-    """oneDNN's blocked form of a weight (out, in) for :func:`onednn`, made once per weight and
-    kept on it (remade after in-place writes). An fp16 weight is a faithful bf16 one
-    (:func:`fp16_faithful`; the planner offers this kernel on no other fp16 weight): it goes back
-    to bf16 exactly, the type oneDNN multiplies in."""
-    packed = getattr(w, "_rwkvpy_onednn_packed", None)
-    if packed is None or packed[0] != w._version:
-        with torch.no_grad():
-            source = w.to(torch.bfloat16) if w.dtype == torch.float16 else w
-            packed = (w._version, torch.ops.mkldnn._reorder_linear_weight(source.contiguous(), None))
-        w._rwkvpy_onednn_packed = packed
-    return packed[1]
+    """oneDNN's blocked form of a weight (out, in) for :func:`onednn`, kept on the weight. An
+    fp16 weight is a faithful bf16 one (:func:`fp16_faithful`; the planner offers this kernel on
+    no other fp16 weight): it goes back to bf16 exactly, the type oneDNN multiplies in."""
+
+    def reorder(w: Tensor) -> Tensor:
+        source = w.to(torch.bfloat16) if w.dtype == torch.float16 else w
+        return torch.ops.mkldnn._reorder_linear_weight(source.contiguous(), None)
+
+    return kept_on(w, "_rwkvpy_onednn_packed", reorder)
 
 
 def onednn(x: Tensor, w: Tensor, scale: Tensor | None = None, unbounded: bool = False) -> Tensor:
@@ -202,11 +208,7 @@ def _onednn_product(x: Tensor, w: Tensor) -> Tensor:
 
 
 _onednn_op = torch.library.custom_op("rwkvpy::onednn", _onednn_product, mutates_args=())
-
-
-@_onednn_op.register_fake
-def _(x: Tensor, w: Tensor) -> Tensor:
-    return x.new_empty(*x.shape[:-1], w.shape[0])
+_onednn_op.register_fake(_product_shape)
 
 
 def int8_dequantized(x: Tensor, q: Tensor, scale: Tensor, unbounded: bool = False) -> Tensor:
