@@ -52,31 +52,31 @@ def measure_prefill_chunk(model, slack: float = 0.5) -> int:
     state = model.zero_state(1)
     tok = torch.zeros(1, dtype=torch.long, device=model.device)
 
-    def longest_step(n: int) -> float:
+    def median_seconds(measure: Callable[[], float]) -> float:
+        measure()  # warm-up
+        return sorted(measure() for _ in range(3))[1]
+
+    def one_step() -> float:
+        t0 = time.perf_counter()
+        model.step(tok, state)
+        return time.perf_counter() - t0
+
+    def longest_step(n: int) -> Callable[[], float]:
         ids = torch.zeros(1, n, dtype=torch.long, device=model.device)
-        times = []
-        for _ in range(3):  # the first warms up
+
+        def measure() -> float:
             steps, item, worst = model.forward_in_steps(ids, state, last_only=True), None, 0.0
             while item is None:
                 t0 = time.perf_counter()
                 item = next(steps)
                 worst = max(worst, time.perf_counter() - t0)
-            times.append(worst)
-        return sorted(times[1:])[0]
+            return worst
+        return measure
 
-    def seconds(fn) -> float:
-        fn()  # warm-up
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[1]
-
-    step = seconds(lambda: model.step(tok, state))
+    step = median_seconds(one_step)
     costs = {}
     for n in PREFILL_CHUNKS:
-        costs[n] = longest_step(n)
+        costs[n] = median_seconds(longest_step(n))
         if costs[n] > max(slack * step, 1.25 * costs[PREFILL_CHUNKS[0]]):
             break
     limit = max(slack * step, 1.25 * costs[PREFILL_CHUNKS[0]])
