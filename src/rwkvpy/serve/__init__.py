@@ -90,7 +90,8 @@ class Server:
 
         self.thread = threading.Thread(target=http, name="rwkvpy-http", daemon=True)
         self.thread.start()
-        signal.signal(signal.SIGTERM, lambda *_: self.engine.stop())  # a graceful stop, as uvicorn's own
+        if threading.current_thread() is threading.main_thread():  # only there may handlers be set
+            signal.signal(signal.SIGTERM, lambda *_: self.engine.stop())  # a graceful stop, as uvicorn's own
         try:
             self.engine.loop()
         finally:
