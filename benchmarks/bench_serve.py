@@ -1,15 +1,16 @@
 """Serving speed: `rwkvpy serve` in its own process, N concurrent streaming clients over loopback.
 
     python benchmarks/bench_serve.py [--arch rwkv4|rwkv7] [--layers 12 --width 768] [--streams 1,8,32]
-                                     [--tokens 64] [--dtype fp32|bf16|fp16] [--tokenizer ../shared/data/20B_tokenizer.json]
+                                     [--tokens 64] [--repeats 3] [--dtype fp32|bf16|fp16] [--tokenizer ../shared/data/20B_tokenizer.json]
 
 Random weights with the 169M shape (vocabulary 50277, the 20B tokenizer) by default; prompts are
-random token ids (the completions API takes them), greedy decoding. Reports per stream count:
-time to first token, inter-token latency p50/p99, total tokens/s and the server's mean time of
-one batched model step (from /metrics: the rest of a token's time is the engine's sampling, HTTP
-and the clients, which share the machine); then time to first token
-with a cached 1,000-token prefix against an uncached one, and a decoding stream's inter-token
-latency while another request's 4,000-token prompt is read, against its p50 alone.
+random token ids (the completions API takes them), greedy decoding. The concurrency levels take
+turns for ``--repeats`` rounds; reported per stream count, medians over the rounds: time to first
+token, inter-token latency p50/p99, total tokens/s and the server's mean time of one batched model
+step (from /metrics: the rest of a token's time is the engine's sampling, HTTP and the clients,
+which share the machine). Then time to first token with a cached 1,000-token prefix against an
+uncached one, and a decoding stream's inter-token latency while another request's 4,000-token
+prompt is read against its p50 alone (``--repeats`` rounds of each, alone and during in turn).
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=768)
     ap.add_argument("--streams", default="1,8,32")
     ap.add_argument("--tokens", type=int, default=64, help="tokens generated per stream")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds over the concurrency levels (medians reported)")
     ap.add_argument("--tokenizer", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" /
                                                "20B_tokenizer.json"))
     ap.add_argument("--dtype", default="fp32", help="how the server stores matrices: fp32, bf16, fp16")
@@ -132,21 +134,30 @@ def main() -> None:
             print(next(ln for ln in (Path(tmp) / "server.log").read_text().splitlines()
                        if ln.startswith("rwkvpy serve:")))
             stream_request(url, [1, 2, 3], 4)  # warm-up
-            results = {"concurrency": []}
-            for n in args.streams.split(","):
-                before = step_seconds(url)
-                r = concurrent(url, int(n), args.tokens, cfg.vocab_size, seed=int(n))
-                after = step_seconds(url)
-                r["model_step_s"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])
-                results["concurrency"].append(r)
+            # Concurrency levels take turns, ``--repeats`` rounds: the VM's speed drifts by tens of
+            # percent within minutes, and a ratio of two levels measured minutes apart carries it.
+            rounds: dict[int, list[dict]] = {int(n): [] for n in args.streams.split(",")}
+            for rep in range(args.repeats):
+                for n in rounds:
+                    before = step_seconds(url)
+                    r = concurrent(url, n, args.tokens, cfg.vocab_size, seed=n + 1000 * rep)
+                    after = step_seconds(url)
+                    r["model_step_s"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])
+                    rounds[n].append(r)
+            results = {"concurrency": [{key: statistics.median(r[key] for r in rs) for key in rs[0]}
+                                       for rs in rounds.values()],
+                       "rounds": {str(n): rs for n, rs in rounds.items()}}
             print(f"\n{'streams':>8s} {'TTFT s':>8s} {'ITL p50 ms':>11s} {'ITL p99 ms':>11s} {'tok/s':>8s} "
-                  f"{'model step ms':>14s}")
-            for r in results["concurrency"]:
+                  f"{'model step ms':>14s}   (medians of {args.repeats} rounds; tok/s of each round)")
+            for r, rs in zip(results["concurrency"], rounds.values()):
                 print(f"{r['streams']:8d} {r['ttft_s']:8.3f} {r['itl_p50_s'] * 1e3:11.1f} "
-                      f"{r['itl_p99_s'] * 1e3:11.1f} {r['tok_s']:8.1f} {r['model_step_s'] * 1e3:14.1f}")
-            one = results["concurrency"][0]["tok_s"]
-            for r in results["concurrency"][1:]:
-                print(f"tok/s with {r['streams']} streams / 1 stream: x{r['tok_s'] / one:.2f}")
+                      f"{r['itl_p99_s'] * 1e3:11.1f} {r['tok_s']:8.1f} {r['model_step_s'] * 1e3:14.1f}   "
+                      + " ".join(f"{x['tok_s']:.1f}" for x in rs))
+            one = rounds[int(args.streams.split(",")[0])]
+            for r, rs in zip(results["concurrency"][1:], list(rounds.values())[1:]):
+                per_round = [a["tok_s"] / b["tok_s"] for a, b in zip(rs, one)]
+                print(f"tok/s with {r['streams']} streams / 1 stream: x{r['tok_s'] / results['concurrency'][0]['tok_s']:.2f}"
+                      f" (medians; round by round: {', '.join(f'x{x:.2f}' for x in per_round)})")
 
             import random
 
@@ -160,25 +171,30 @@ def main() -> None:
             print(f"\nTTFT with a cached 1,000-token prefix {cached:.3f} s, uncached {cold:.3f} s: "
                   f"x{cached / cold:.3f}")
 
-            alone = stream_request(url, [5, 6, 7], 48)
-            base = [b - a for a, b in zip(alone["times"], alone["times"][1:])]
-            long_prompt = [rng.randrange(cfg.vocab_size) for _ in range(4000)]
-            holder = {}
-            decoding = threading.Thread(target=lambda: holder.update(r=stream_request(url, [8, 9, 10], 400)))
-            decoding.start()
-            time.sleep(1.0)
-            t_long = time.perf_counter()
-            stream_request(url, long_prompt, 1)
-            t_end = time.perf_counter()
-            decoding.join()
-            times = holder["r"]["times"]
-            during = [b - a for a, b in zip(times, times[1:]) if t_long <= a <= t_end]
-            p50 = statistics.median(base)
-            p99 = percentile(during, 0.99)
+            alone_p50, during_p99, gaps = [], [], 0
+            for _ in range(args.repeats):
+                alone = stream_request(url, [5, 6, 7], 48)
+                alone_p50.append(statistics.median(b - a for a, b in zip(alone["times"], alone["times"][1:])))
+                long_prompt = [rng.randrange(cfg.vocab_size) for _ in range(4000)]
+                holder = {}
+                decoding = threading.Thread(target=lambda: holder.update(r=stream_request(url, [8, 9, 10], 400)))
+                decoding.start()
+                time.sleep(1.0)
+                t_long = time.perf_counter()
+                stream_request(url, long_prompt, 1)
+                t_end = time.perf_counter()
+                decoding.join()
+                times = holder["r"]["times"]
+                during = [b - a for a, b in zip(times, times[1:]) if t_long <= a <= t_end]
+                during_p99.append(percentile(during, 0.99))
+                gaps += len(during)
+            p50, p99 = statistics.median(alone_p50), statistics.median(during_p99)
             results["prefill_interference"] = {"itl_p50_alone_s": p50, "itl_p99_during_prefill_s": p99,
-                                               "ratio": p99 / p50, "samples": len(during)}
-            print(f"ITL p99 while a 4,000-token prompt is read: {p99 * 1e3:.1f} ms ({len(during)} gaps) vs p50 "
-                  f"alone {p50 * 1e3:.1f} ms: x{p99 / p50:.2f}")
+                                               "ratio": p99 / p50, "gaps": gaps,
+                                               "rounds": {"alone_p50_s": alone_p50, "during_p99_s": during_p99}}
+            print(f"ITL p99 while a 4,000-token prompt is read: {p99 * 1e3:.1f} ms vs p50 alone {p50 * 1e3:.1f} ms: "
+                  f"x{p99 / p50:.2f} (medians of {args.repeats} rounds, {gaps} gaps; round by round: "
+                  + ", ".join(f"x{b / a:.2f}" for a, b in zip(alone_p50, during_p99)) + ")")
         finally:
             server.terminate()
             server.wait(timeout=30)
