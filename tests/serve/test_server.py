@@ -396,6 +396,21 @@ def test_prompt_reading_share_grows_with_the_streams_waiting_for_it():
     assert eng._prefill_weight() == 19 / 8
 
 
+def test_a_slow_decode_turn_does_not_lengthen_the_prompt_reading_after_it():
+    """The prompt-reading budget follows the median of the recent decode turns at this batch
+    size where this turn's was slower; a new batch size starts its own record."""
+    import rwkvpy.serve.engine as engine
+
+    eng = engine.Engine(rwkvpy.load(default_model_path()), tokenizer_for_model(256), prefill_chunk=32)
+    eng.batch = ([object()], None)
+    for t in (0.020, 0.021, 0.019, 0.020):
+        assert eng._typical_decode_time(t) == t  # none slower than the median so far
+    assert eng._typical_decode_time(0.200) == 0.020  # a hiccup: the budget stays that of a usual turn
+    assert eng._typical_decode_time(0.010) == 0.010  # a faster turn counts as itself
+    eng.batch = ([object()] * 8, None)
+    assert eng._typical_decode_time(0.050) == 0.050  # eight rows: their own record
+
+
 def test_the_serve_command_answers_stops_on_sigterm_and_refuses_a_taken_port():
     """``rwkvpy serve`` (the engine on the main thread, HTTP on another): it answers, a second
     server on the same port exits 1 with one line, and SIGTERM stops the first one cleanly."""

@@ -203,6 +203,8 @@ class Engine:
         self.running = False  # while loop() runs, on whichever thread
         self.thread = threading.Thread(target=self.loop, name="rwkvpy-engine", daemon=True)
         self.step_seconds = 0.0
+        self.turn_times: deque[float] = deque(maxlen=9)  # recent decode turns of the current batch size
+        self.turn_rows = 0
 
     def start(self) -> "Engine":
         self.running = True  # already, for a health check that comes before the thread's first turn
@@ -255,12 +257,12 @@ class Engine:
         self._take_inbox()
         self._drop_cancelled()
         self._admit()
-        busy = False
+        busy, decode_time = False, 0.0
         t0 = time.perf_counter()
         if any(s.pending is not None for s in self.streams):
             self._decode_step()
             busy = True
-        decode_time = time.perf_counter() - t0
+            decode_time = self._typical_decode_time(time.perf_counter() - t0)
         if self.prefilling:
             self._prefill(budget=PREFILL_SHARE * decode_time * self._prefill_weight() if busy
                           else IDLE_PREFILL_SECONDS)
@@ -269,6 +271,17 @@ class Engine:
         if not busy:
             self.wake.wait(timeout=0.05)
             self.wake.clear()
+
+    def _typical_decode_time(self, seconds: float) -> float:
+        """This turn's decode time, or the median of the last few at this batch size where that is
+        less: a step slowed by the machine must not also lengthen the prompt reading after it,
+        which would stretch that inter-token gap twice."""
+        rows = len(self.batch[0]) if self.batch is not None else 0
+        if rows != self.turn_rows:
+            self.turn_times.clear()
+            self.turn_rows = rows
+        self.turn_times.append(seconds)
+        return min(seconds, sorted(self.turn_times)[len(self.turn_times) // 2])
 
     def _prefill_weight(self) -> float:
         """Prompt reading's share of a turn grows with the streams waiting for it (a burst of
