@@ -20,6 +20,8 @@ LoRA matrices (w1, a1, ...) are stored (in, out) as the official files have them
 
 from __future__ import annotations
 
+import functools
+
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -289,10 +291,15 @@ class RWKV7(LanguageModel):
         x = self.emb(tokens).to(self.activation_dtype)  # (B, T, C)
         sdt = self._state_dtype()
 
-        def wkv(r, log_w, k, v, alpha, beta, S):
+        # Decoding without a gradient writes each layer's S straight into the next state.
+        new_wkv = None
+        if tokens.shape[1] == 1 and not torch.is_grad_enabled():
+            new_wkv = torch.empty(state.wkv.shape, dtype=sdt, device=state.wkv.device)
+
+        def wkv(r, log_w, k, v, alpha, beta, S, out=None):
             S = None if zero_in else S.to(sdt)  # not r.dtype: under bf16 autocast r is half
             if r.shape[1] == 1:
-                y, S = wkv7_step(r[:, 0], log_w[:, 0], k[:, 0], v[:, 0], alpha[:, 0], beta[:, 0], S)
+                y, S = wkv7_step(r[:, 0], log_w[:, 0], k[:, 0], v[:, 0], alpha[:, 0], beta[:, 0], S, out=out)
                 return y.unsqueeze(1), S
             return wkv7_chunked(r, log_w, k, v, alpha, beta, S, chunk_len=chunk)
 
@@ -301,7 +308,8 @@ class RWKV7(LanguageModel):
         for i, block in enumerate(self.blocks):
             if i == 0:
                 x = block.ln0(x)
-            out, ax, S, v_first = block.att(block.ln1(x), state.att_x[i], state.wkv[i], v_first, wkv)
+            layer_wkv = wkv if new_wkv is None else functools.partial(wkv, out=new_wkv[i])
+            out, ax, S, v_first = block.att(block.ln1(x), state.att_x[i], state.wkv[i], v_first, layer_wkv)
             x = x + out
             out, fx = block.ffn(block.ln2(x), state.ffn_x[i])
             x = x + out
@@ -312,7 +320,8 @@ class RWKV7(LanguageModel):
         if last_only:
             x = x[:, -1:]
         logits = self.head(self.ln_out(x))
-        new = RWKV7State(torch.stack(att_x).to(sdt), torch.stack(wkv_s).to(sdt), torch.stack(ffn_x).to(sdt),
+        wkv_state = new_wkv if new_wkv is not None else torch.stack(wkv_s).to(sdt)
+        new = RWKV7State(torch.stack(att_x).to(sdt), wkv_state, torch.stack(ffn_x).to(sdt),
                          state.pos + tokens.shape[1], state.model_id)
         yield logits, new
 

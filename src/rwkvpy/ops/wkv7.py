@@ -39,18 +39,20 @@ from torch import Tensor
 
 
 def wkv7_step(r: Tensor, log_w: Tensor, k: Tensor, v: Tensor, alpha: Tensor, beta: Tensor,
-              S: Tensor | None) -> tuple[Tensor, Tensor]:
+              S: Tensor | None, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One token: tensors (B, H, N), S (B, H, N, N) -> y (B, H, N), new S (``S=None``: zero).
 
     The matrix-vector products S alpha and S r are broadcast products summed over keys, and the
     update two fused multiply-adds into the new state: as batched products (``matmul``, i.e.
-    B H separate 64 x 64 products) the step took 3-4x longer at 8-32 streams and 2x at one."""
+    B H separate 64 x 64 products) the step took 3-4x longer at 8-32 streams and 2x at one.
+    ``out`` (no autograd): the new S is written there, e.g. its layer's slice of the next state,
+    which then needs no stacking (a copy of the whole state, 17% of a 32-stream step)."""
     write = v.unsqueeze(-1) * k.unsqueeze(-2)
     if S is None:
-        S = write
+        S = write if out is None else out.copy_(write)
     else:
         removed = (S * alpha.unsqueeze(-2)).sum(-1, keepdim=True)  # S alpha, (B, H, N, 1)
-        S = torch.addcmul(write, S, torch.exp(log_w).unsqueeze(-2)).addcmul_(removed, beta.unsqueeze(-2))
+        S = torch.addcmul(write, S, torch.exp(log_w).unsqueeze(-2), out=out).addcmul_(removed, beta.unsqueeze(-2))
     return (S * r.unsqueeze(-2)).sum(-1), S
 
 
