@@ -114,9 +114,10 @@ class Retention(nn.Module):
         self.output = Linear(Cv, C)
 
     def forward(self, x: Tensor, pos: Tensor, rot: Tensor, S: Tensor | None, log_gamma: Tensor,
-                form: str, state_out: bool = True):
+                form: str, state_out: bool = True, S_out: Tensor | None = None):
         """x (B, T, C) -> (output, state after the last token); ``S=None`` is a zero state and
-        ``state_out=False`` skips the state out (training)."""
+        ``state_out=False`` skips the state out (training); one token's state goes to ``S_out``
+        where given."""
         cfg = self.cfg
         B, T, _ = x.shape
         h, dk, dv = cfg.n_head, cfg.d_k, cfg.d_v
@@ -132,7 +133,7 @@ class Retention(nn.Module):
         k = k * dk ** -0.5
         v = v.reshape(B, T, h, dv)
         if T == 1:
-            o, S = retention_step(q[:, 0], k[:, 0], v[:, 0], log_gamma, S)
+            o, S = retention_step(q[:, 0], k[:, 0], v[:, 0], log_gamma, S, out=S_out)
             o = o.unsqueeze(1)
         elif form == "parallel":
             o, S = retention_parallel(q, k, v, log_gamma, S, state_out)
@@ -194,9 +195,14 @@ class RetNet(LanguageModel):
         log_gamma = self._log_gamma.to(x.device, x.dtype)
         rot = rotation(pos, self.config.d_k, x.dtype)
         states = []
+        # Decoding without a gradient writes each layer's state straight into the next state.
+        new_att = None
+        if T == 1 and state_out and not torch.is_grad_enabled() and state.att.dtype == x.dtype:
+            new_att = torch.empty_like(state.att)
         for i, block in enumerate(self.blocks):
             S = None if zero_in else state.att[i].to(x.dtype)
-            out, S = block.att(block.ln1(x), pos, rot, S, log_gamma, form, state_out)
+            out, S = block.att(block.ln1(x), pos, rot, S, log_gamma, form, state_out,
+                               None if new_att is None else new_att[i])
             x = x + out
             x = x + block.ffn(block.ln2(x))
             states.append(S)
@@ -205,7 +211,8 @@ class RetNet(LanguageModel):
             x = x[:, -1:]
         new = None
         if state_out:
-            new = RetNetState(torch.stack(states).to(state.att.dtype), state.pos + T, state.model_id)
+            att = new_att if new_att is not None else torch.stack(states).to(state.att.dtype)
+            new = RetNetState(att, state.pos + T, state.model_id)
         yield self.head(self.ln_out(x)), new
 
 
