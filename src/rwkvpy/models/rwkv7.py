@@ -21,7 +21,6 @@ LoRA matrices (w1, a1, ...) are stored (in, out) as the official files have them
 from __future__ import annotations
 
 import functools
-
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
