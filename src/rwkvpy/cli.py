@@ -188,6 +188,12 @@ def cmd_generate(args) -> int:
 def cmd_serve(args) -> int:
     from .serve import Server
 
+    if args.compile:
+        # torch.compile specialises on the batch: every new number of running streams would
+        # stop all of them for a new compilation (60-120 s for RWKV-7 on 2 cores), and with
+        # a dynamic batch the compiled step ran slower than the eager one (docs/design.md)
+        raise RwkvpyError("serve: --compile is not supported (each number of concurrent streams would "
+                          "compile anew, for a minute or more, while serving)")
     model, tokenizer = load_model_and_tokenizer(args)
     name = args.model_name or Path(str(args.model)).name.removesuffix(".pth")
     server = Server(model, tokenizer, name, host=args.host, port=args.port, chat_format=args.chat_format,

@@ -444,3 +444,16 @@ def test_the_serve_command_answers_stops_on_sigterm_and_refuses_a_taken_port():
     finally:
         if server.poll() is None:
             server.kill()
+
+
+def test_the_serve_command_refuses_compile_in_one_line():
+    """``serve --compile`` would recompile for every new number of running streams while
+    serving: refused before loading, one line, no traceback."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "rwkvpy", "serve", "--compile", "--port", str(free_port())],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "--compile" in r.stderr
+    assert "Traceback" not in r.stderr
