@@ -68,3 +68,132 @@ def test_compiled_step_writes_the_state_the_eager_step_writes(arch):
                 for a, b in zip([logits, *state.tensors().values()], [want_logits, *want_state.tensors().values()],
                                 strict=True):
                     assert rel_err(a, b) < 1e-5 if a.is_floating_point() else torch.equal(a, b)
+
+
+class FakeCompile:
+    """Stands in for torch.compile: returns ``make(eager_step)`` and counts its calls."""
+
+    def __init__(self, make):
+        self.make, self.calls = make, 0
+
+    def __call__(self, fn, **kwargs):
+        inner = self.make(fn)
+
+        def compiled(*args):
+            self.calls += 1
+            return inner(*args)
+        return compiled
+
+
+def _raise(fn):
+    def fail(*args):
+        raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found\nmore lines")
+    return fail
+
+
+@pytest.mark.parametrize("arch", ["rwkv4", "rwkv7", "gpt"])
+@pytest.mark.parametrize("broken", ["wrong logits", "half the state unwritten", "no C++ compiler"])
+def test_a_compiled_step_that_fails_or_disagrees_is_dropped_with_one_warning(arch, broken, monkeypatch, capsys):
+    """compile_step checks the compiled step against the eager one at each new input shape
+    before trusting it: a wrong one (logits off, or a state left partly unwritten, as a stale
+    inductor cache produced) or one that fails to build is dropped with one warning line and
+    decoding goes on eagerly, giving the eager step's results."""
+    def wrong_logits(fn):
+        return lambda tokens, state: (lambda out: (out[0] + 1.0, out[1]))(fn(tokens, state))
+
+    def unwritten_state(fn):
+        def step(tokens, state):
+            logits, new = fn(tokens, state)
+            first = next(name for name, t in new.tensors().items() if t.is_floating_point())
+            t = getattr(new, first)
+            t.view(-1)[: t.numel() // 2] = float("nan")
+            return logits, new
+        return step
+
+    make = {"wrong logits": wrong_logits, "half the state unwritten": unwritten_state, "no C++ compiler": _raise}[broken]
+    fake = FakeCompile(make)
+    monkeypatch.setattr(torch, "compile", fake)
+    cfg = CONFIGS[arch]
+    model = build_model(cfg, random_state_dict(cfg, seed=4))
+    tokens = torch.randint(0, cfg.vocab_size, (2, 4), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        _, state = model(tokens[:, :2])
+        want = [type(model).step(model, tokens[:, t], state) for t in (2, 3)]
+        model.compile_step()
+        got = [model.step(tokens[:, t], state) for t in (2, 3)]
+    for (a, sa), (b, sb) in zip(got, want):
+        assert torch.equal(a, b)
+        for name, t in sa.tensors().items():
+            assert torch.equal(t, sb.tensors()[name]), name
+    assert fake.calls == 1  # tried once, then never again
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("rwkvpy: warning:") and "without torch.compile" in err[0]
+
+
+@pytest.mark.parametrize("arch", ["rwkv4", "rwkv7"])
+def test_a_compiled_step_that_agrees_is_trusted_per_input_shape(arch, monkeypatch, capsys):
+    """A compiled step within the tolerance is used from its first agreement on, without the
+    eager step beside it; a new batch size is checked again."""
+    marker = 1e-7  # well inside the tolerance: shows whose logits come back
+    fake = FakeCompile(lambda fn: lambda tokens, state: (lambda out: (out[0] * (1 + marker), out[1]))(fn(tokens, state)))
+    monkeypatch.setattr(torch, "compile", fake)
+    cfg = CONFIGS[arch]
+    model = build_model(cfg, random_state_dict(cfg, seed=5))
+    eager_calls = []
+    real_step = type(model).step
+    monkeypatch.setattr(type(model), "step", lambda self, *a: eager_calls.append(1) or real_step(self, *a))
+    with torch.no_grad():
+        model.compile_step()
+        for batch in (2, 2, 2, 3, 3):
+            state = model.zero_state(batch)
+            tokens = torch.arange(batch) % cfg.vocab_size
+            logits, _ = model.step(tokens, state)
+            ref, _ = real_step(model, tokens, state)
+            assert not torch.equal(logits, ref) and rel_err(logits, ref) < 1e-6  # the compiled one's
+    # per new batch size: the compiled call plus one eager call (the check), then compiled only
+    assert fake.calls == 5 and len(eager_calls) == 5 + 2
+    assert capsys.readouterr().err == ""
+
+
+CHILD = """
+import sys, torch
+from rwkvpy.models import RWKV4Config, build_model, random_state_dict
+torch.set_num_threads(1)
+cfg = RWKV4Config(vocab_size=61, n_embd=48, n_layer=2, dim_ffn=168)
+model = build_model(cfg, random_state_dict(cfg, seed=6))
+tokens = torch.randint(0, 61, (2, 6), generator=torch.Generator().manual_seed(3))
+with torch.no_grad():
+    _, eager = model(tokens[:, :2])
+    compiled = eager
+    model.compile_step()
+    for t in range(2, 6):
+        ref, eager = type(model).step(model, tokens[:, t], eager)
+        out, compiled = model.step(tokens[:, t], compiled)
+        err = ((out - ref).abs().max() / ref.abs().max()).item()
+        assert err < 1e-5, (t, err)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_compiled_steps_of_two_cpu_capabilities_share_an_inductor_cache_safely(tmp_path):
+    """The same step compiled under this CPU's capability and then under
+    ATEN_CPU_CAPABILITY=avx2, one inductor cache folder: the second gives the eager step's
+    logits, without the compiled-step check's warning (torch 2.13 reused the first's 16-float
+    vector code under AVX2's 8 and left half the outputs unwritten)."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    from rwkvpy.ops.plan import cpu_info
+
+    if platform.machine() not in ("x86_64", "AMD64") or "avx2" not in cpu_info()[1]:
+        pytest.skip("ATEN_CPU_CAPABILITY=avx2 needs an x86 CPU with AVX2")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    env.pop("ATEN_CPU_CAPABILITY", None)
+    for capability in (None, "avx2"):
+        run_env = env if capability is None else {**env, "ATEN_CPU_CAPABILITY": capability}
+        r = subprocess.run([sys.executable, "-c", CHILD], env=run_env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0 and r.stdout.strip() == "ok", (capability, r.stderr[-2000:])
+        assert "warning" not in r.stderr, (capability, r.stderr[-2000:])

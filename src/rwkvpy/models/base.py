@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import fields
 from typing import Any
@@ -180,9 +181,85 @@ class ModelBase(nn.Module):
     def compile_step(self) -> None:
         """Route ``step`` through ``torch.compile`` from now on: the per-token small ops fuse
         into a few loops (measured: docs/benchmarks.md). Each new batch size compiles first
-        (tens of seconds); needs a C++ compiler at run time, which is why this is opt-in."""
+        (tens of seconds); needs a C++ compiler at run time, which is why this is opt-in. The
+        compiled step is checked against the eager one before it is trusted
+        (:class:`CheckedCompiledStep`)."""
         if "step" not in self.__dict__:  # the instance attribute shadows the method
-            self.step = torch.compile(type(self).step.__get__(self), dynamic=False)
+            pin_inductor_vector_width()
+            self.step = CheckedCompiledStep(self)
+
+
+def pin_inductor_vector_width() -> None:
+    """Name the vector width torch's inductor generates for (that of this process's CPU
+    capability) in its config, which keys its cache: in torch 2.13 a graph cached under one
+    capability (AVX-512's 16 floats a vector) and loaded under another
+    (``ATEN_CPU_CAPABILITY=avx2``: 8) left half its outputs unwritten, and the reverse aborted
+    the process (docs/design.md). A width the user set stays."""
+    from torch._inductor import config
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    if config.cpp.simdlen is None:
+        isa = pick_vec_isa()
+        if isa:
+            config.cpp.simdlen = isa.bit_width()
+
+
+def _relative_error(actual: Tensor, expected: Tensor) -> float:
+    """max |a - e| / max |e|; infinite where a has a NaN or an infinity e has not."""
+    if actual.shape != expected.shape or actual.dtype != expected.dtype:
+        return float("inf")
+    if not actual.is_floating_point():
+        return 0.0 if torch.equal(actual, expected) else float("inf")
+    a, e = actual.double(), expected.double()
+    if not torch.equal(a.isfinite(), e.isfinite()):
+        return float("inf")
+    finite = e.isfinite()
+    diff = (a - e)[finite].abs().max() if finite.any() else a.new_zeros(())
+    return (diff / e[finite].abs().max().clamp_min(1e-30)).item() if finite.any() else 0.0
+
+
+class CheckedCompiledStep:
+    """``model.step`` through ``torch.compile``, trusted for a shape of input only after its first
+    call there gave the eager step's logits and state (within ``tolerance``, relative to each
+    tensor's largest value). A compiled step that fails to build (no C++ compiler) or
+    disagrees is dropped with one warning line, and the model decodes eagerly from then on.
+    (Found necessary: a torch inductor cache filled on another CPU capability gave a compiled
+    step that left half its outputs unwritten, docs/design.md.)"""
+
+    def __init__(self, model: ModelBase, tolerance: float = 1e-3):
+        self.model, self.tolerance = model, tolerance
+        self.eager = type(model).step.__get__(model)
+        self.compiled: Callable | None = torch.compile(self.eager, dynamic=False)
+        self.trusted: set[tuple] = set()
+
+    def __call__(self, tokens: Tensor, state=None):
+        tokens = torch.as_tensor(tokens)
+        if self.compiled is None:
+            return self.eager(tokens, state)
+        key = (tuple(tokens.shape), None if state is None else tuple(t.shape for t in state.tensors().values()))
+        if key in self.trusted:
+            return self.compiled(tokens, state)
+        try:
+            out = self.compiled(tokens, state)
+        except RwkvpyError:  # the input's fault: the eager step says the same
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure to build means: decode eagerly
+            first_line = (str(e).strip().splitlines() or [""])[0][:120]
+            return self._drop(f"torch.compile failed ({type(e).__name__}: {first_line})", tokens, state)
+        ref = self.eager(tokens, state)  # the state is not modified: both read the same
+        errors = [_relative_error(out[0], ref[0])]
+        errors += [_relative_error(a, ref[1].tensors()[name]) for name, a in out[1].tensors().items()]
+        worst = max(errors)
+        if not worst <= self.tolerance:
+            return self._drop(f"the compiled step disagrees with the eager one (relative error {worst:.3g})", tokens,
+                              state, ref)
+        self.trusted.add(key)
+        return out
+
+    def _drop(self, why: str, tokens: Tensor, state, ref=None):
+        print(f"rwkvpy: warning: {why}; decoding without torch.compile", file=sys.stderr)
+        self.compiled = None
+        return ref if ref is not None else self.eager(tokens, state)
 
 
 class LanguageModel(ModelBase):

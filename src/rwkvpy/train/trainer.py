@@ -29,6 +29,7 @@ from ..checkpoint import save_native
 from ..errors import RwkvpyError
 from ..io import atomic_write, atomic_write_text
 from ..models import GPT, GPTConfig, RetNetConfig, RWKV4Config, RWKV7Config, build_model, official_init
+from ..models.base import pin_inductor_vector_width
 from ..ops.allocator import keep_freed_memory
 from ..tokenizers import load_tokenizer
 from .data import TokenData, WindowSampler, eval_starts, load_data, windows
@@ -208,6 +209,7 @@ class Trainer:
         if self.world > 1:
             self.ddp = nn.parallel.DistributedDataParallel(self.model)
         if cfg.compile:
+            pin_inductor_vector_width()
             self.ddp = torch.compile(self.ddp)
         self.elapsed = state["elapsed_s"] if state else 0.0
         self.val_x, self.val_y = windows(self.data.val, eval_starts(len(self.data.val), cfg.ctx_len,
