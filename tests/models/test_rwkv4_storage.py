@@ -64,6 +64,7 @@ def test_compiled_step_decodes_as_the_eager_step(kw):
             ref, eager = RWKV4.step(model, tokens[:, t], eager)
             out, compiled = model.step(tokens[:, t], compiled)
             assert rel_err(out, ref) < 1e-5
+    assert model.step.compiled is not None and model.step.trusted  # compiled, not the eager fallback
     for name, x in compiled.tensors().items():
         assert torch.allclose(x.float(), eager.tensors()[name].float(), rtol=1e-5, atol=1e-6), name
 
