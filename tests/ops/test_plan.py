@@ -165,6 +165,11 @@ def test_plan_cache_round_trip_refresh_and_corruption(tmp_path, monkeypatch, cap
         fresh.entries([need])
         fresh.save()
         assert json.loads(plan.cache_path().read_text())["machine"][field] == value
+    monkeypatch.undo()  # the real machine_key again, with oneDNN capped as on an AVX2 machine
+    monkeypatch.setenv("RWKVPY_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(plan, "plan_need", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert plan.Planner().data["entries"] == {}  # a plan that may name a kernel oneDNN now refuses
     n = len(calls)
 
     capsys.readouterr()  # the planning notices so far

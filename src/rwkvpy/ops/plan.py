@@ -454,11 +454,18 @@ def cpu_info() -> tuple[str, frozenset[str]]:
     return name, flags
 
 
+# Variables that cap the instruction sets of torch's own kernels (ATEN_CPU_CAPABILITY shows in
+# the capability), MKL's and oneDNN's: a plan made under one cap may name a kernel another refuses.
+ISA_VARIABLES = ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+
+
 def machine_key() -> dict:
-    """What a plan depends on: the CPU (model, flags), cores, threads and torch."""
+    """What a plan depends on: the CPU (model, flags), the instruction sets the libraries may
+    use, cores, threads and torch."""
     name, flags = cpu_info()
     return {"cpu": name, "flags_sha256": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:16],
-            "capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
+            "capability": torch.backends.cpu.get_cpu_capability(),
+            "isa_caps": {v: os.environ[v] for v in ISA_VARIABLES if os.environ.get(v)}, "cores": os.cpu_count(),
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             # plans made with other rows classes or candidates are not this planner's
             "plan": f"{PLAN_VERSION} {ROW_CLASSES} {sorted(KERNELS)}"}
