@@ -227,7 +227,7 @@ class CheckedCompiledStep:
     step that left half its outputs unwritten, docs/design.md.)"""
 
     def __init__(self, model: ModelBase, tolerance: float = 1e-3):
-        self.model, self.tolerance = model, tolerance
+        self.tolerance = tolerance
         self.eager = type(model).step.__get__(model)
         self.compiled: Callable | None = torch.compile(self.eager, dynamic=False)
         self.trusted: set[tuple] = set()
