@@ -152,8 +152,8 @@ def test_plan_cache_round_trip_refresh_and_corruption(tmp_path, monkeypatch, cap
     p.entries([need])
     p.save()
     assert len(calls) == 2  # the first planner was never saved
-    saved = json.loads(plan.cache_path().read_text())
-    assert saved["machine"] == plan.machine_key() and need.key in saved["entries"]
+    saved = json.loads(plan.cache_path().read_text())["machines"]
+    assert len(saved) == 1 and saved[0]["machine"] == plan.machine_key() and need.key in saved[0]["entries"]
     plan.Planner().entries([need])
     assert len(calls) == 2  # read back from the cache
 
@@ -164,13 +164,16 @@ def test_plan_cache_round_trip_refresh_and_corruption(tmp_path, monkeypatch, cap
         assert fresh.data["entries"] == {}  # another machine's plans are not used
         fresh.entries([need])
         fresh.save()
-        assert json.loads(plan.cache_path().read_text())["machine"][field] == value
+        assert json.loads(plan.cache_path().read_text())["machines"][0]["machine"][field] == value  # newest first
     monkeypatch.undo()  # the real machine_key again, with oneDNN capped as on an AVX2 machine
     monkeypatch.setenv("RWKVPY_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(plan, "plan_need", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     assert plan.Planner().data["entries"] == {}  # a plan that may name a kernel oneDNN now refuses
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     n = len(calls)
+    plan.Planner().entries([need])
+    assert len(calls) == n  # this machine's first plan outlived the other keys' writes
 
     capsys.readouterr()  # the planning notices so far
     plan.cache_path().write_text("{not json")
@@ -180,7 +183,25 @@ def test_plan_cache_round_trip_refresh_and_corruption(tmp_path, monkeypatch, cap
     p.entries([need])
     p.save()
     assert "unreadable" not in capsys.readouterr().err  # one warning line, not one more on saving
-    assert len(calls) == n + 1 and need.key in json.loads(plan.cache_path().read_text())["entries"]
+    assert len(calls) == n + 1 and need.key in json.loads(plan.cache_path().read_text())["machines"][0]["entries"]
+
+
+def test_plan_cache_keeps_the_latest_machines(tmp_path, monkeypatch):
+    """Plans of up to MACHINES_KEPT machine keys stay (switching thread counts or instruction-set
+    caps back and forth plans once per key), the most recently written first."""
+    monkeypatch.setenv("RWKVPY_CACHE_DIR", str(tmp_path))
+    real_key = plan.machine_key()
+    for i in range(plan.MACHINES_KEPT + 2):
+        monkeypatch.setattr(plan, "machine_key", lambda i=i: {**real_key, "threads": i})
+        plan.write_cache({"entries": {f"need{i}": {"timings": {}, "rejected": {}}}, "int8_probe": {}})
+    machines = json.loads(plan.cache_path().read_text())["machines"]
+    assert [m["machine"]["threads"] for m in machines] == list(range(plan.MACHINES_KEPT + 1, 1, -1))
+    monkeypatch.setattr(plan, "machine_key", lambda: {**real_key, "threads": 5})
+    assert list(plan.read_cache()["entries"]) == ["need5"]
+    plan.write_cache({"entries": {"more": {"timings": {}, "rejected": {}}}, "int8_probe": {}})
+    machines = json.loads(plan.cache_path().read_text())["machines"]
+    assert machines[0]["machine"]["threads"] == 5 and set(machines[0]["entries"]) == {"need5", "more"}
+    assert len(machines) == plan.MACHINES_KEPT
 
 
 def test_safe_mode_loads_plain_kernels(tmp_path, monkeypatch):

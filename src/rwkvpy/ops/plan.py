@@ -487,34 +487,53 @@ def cache_path() -> Path:
     return Path(root) / "kernels.json"
 
 
-def read_cache(path: Path | None = None, warn: bool = True) -> dict:
-    """The cache's entries for this machine; a file of another machine or torch reads as empty,
-    a corrupt one as empty with one warning line (``warn``)."""
-    path = path or cache_path()
+MACHINES_KEPT = 8  # plans of this many machine keys stay in the cache, the most recently written first
+
+
+def _machines_on_disk(path: Path, warn: bool) -> list[dict]:
+    """Every machine's plans in the cache file (newest first); a corrupt file reads as none,
+    with one warning line (``warn``). A file of the single-machine layout reads as one."""
     if not path.is_file():
-        return {"entries": {}, "int8_probe": {}}
+        return []
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data.get("entries"), dict) or not isinstance(data.get("int8_probe"), dict):
+        machines = data["machines"] if "machines" in data else [data]
+        if not isinstance(machines, list) or not all(
+                isinstance(m, dict) and isinstance(m.get("entries"), dict) and isinstance(m.get("int8_probe"), dict)
+                for m in machines):
             raise ValueError("missing entries")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
         if warn:
             print(f"rwkvpy: warning: kernel plan cache {path} is unreadable; planning again", file=sys.stderr)
-        return {"entries": {}, "int8_probe": {}}
-    if data.get("machine") != machine_key():
-        return {"entries": {}, "int8_probe": {}}
-    return data
+        return []
+    return machines
+
+
+def read_cache(path: Path | None = None, warn: bool = True) -> dict:
+    """The cache's entries for this machine (its key: :func:`machine_key`); plans made under
+    another key stay in the file for when that key comes back, and read as empty here."""
+    key = machine_key()
+    for m in _machines_on_disk(path or cache_path(), warn):
+        if m.get("machine") == key:
+            return {"entries": m["entries"], "int8_probe": m["int8_probe"]}
+    return {"entries": {}, "int8_probe": {}}
 
 
 def write_cache(data: dict, path: Path | None = None) -> None:
+    """This machine's plans merged with what the file holds for it (another process may have
+    planned other shapes meanwhile), written first; other machines' plans kept, up to
+    MACHINES_KEPT. Atomic."""
     from ..io import atomic_write_text
 
     path = path or cache_path()
-    on_disk = read_cache(path, warn=False)  # another process may have planned other shapes meanwhile
-    merged = {"machine": machine_key(), "entries": {**on_disk["entries"], **data["entries"]},
-              "int8_probe": {**on_disk["int8_probe"], **data["int8_probe"]}}
+    key = machine_key()
+    machines = _machines_on_disk(path, warn=False)
+    mine = next((m for m in machines if m.get("machine") == key), {"entries": {}, "int8_probe": {}})
+    merged = {"machine": key, "entries": {**mine["entries"], **data["entries"]},
+              "int8_probe": {**mine["int8_probe"], **data["int8_probe"]}}
+    others = [m for m in machines if m.get("machine") != key]
     try:
-        atomic_write_text(path, json.dumps(merged, indent=1, sort_keys=True) + "\n")
+        atomic_write_text(path, json.dumps({"machines": [merged, *others][:MACHINES_KEPT]}, indent=1, sort_keys=True) + "\n")
     except OSError as e:
         print(f"rwkvpy: warning: cannot write kernel plan cache {path}: {e}", file=sys.stderr)
 
