@@ -211,11 +211,12 @@ def _relative_error(actual: Tensor, expected: Tensor) -> float:
     if not actual.is_floating_point():
         return 0.0 if torch.equal(actual, expected) else float("inf")
     a, e = actual.double(), expected.double()
-    if not torch.equal(a.isfinite(), e.isfinite()):
-        return float("inf")
     finite = e.isfinite()
-    diff = (a - e)[finite].abs().max() if finite.any() else a.new_zeros(())
-    return (diff / e[finite].abs().max().clamp_min(1e-30)).item() if finite.any() else 0.0
+    if not torch.equal(a.isfinite(), finite):
+        return float("inf")
+    if not finite.any():
+        return 0.0
+    return ((a - e)[finite].abs().max() / e[finite].abs().max().clamp_min(1e-30)).item()
 
 
 class CheckedCompiledStep:
