@@ -1,11 +1,13 @@
 """``forward_in_steps``: a model's forward as steps of about one layer (for a server that reads
-long prompts between decode steps), the same operations as ``forward``."""
+long prompts between decode steps), the same operations as ``forward``; ``step``, a family's own
+one-token path, the same operations as ``forward`` on one token; the compiled step."""
 
 import pytest
 import torch
 
 from rwkvpy.models import GPTConfig, RetNetConfig, RWKV4Config, RWKV7Config, build_model, random_state_dict
-from rwkvpy.models.base import finish
+from rwkvpy.models.base import ModelBase, finish
+from rwkvpy.ops.linear import plan_projections
 
 from conftest import rel_err
 
@@ -39,6 +41,68 @@ def test_steps_compute_forward_to_the_bit(arch):
         assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
     with torch.no_grad():
         assert torch.equal(finish(model.forward_in_steps(more, state))[0], model(more, state)[0])
+
+
+def _assert_same_step(a, b):
+    (logits_a, state_a), (logits_b, state_b) = a, b
+    assert torch.equal(logits_a, logits_b)
+    assert state_a.model_id == state_b.model_id
+    for name, t in state_a.tensors().items():
+        assert t.dtype == state_b.tensors()[name].dtype and torch.equal(t, state_b.tensors()[name]), name
+
+
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8", "fp64"])
+@pytest.mark.parametrize("arch", ["rwkv4", "rwkv7"])
+def test_step_is_forward_on_one_token_to_the_bit(arch, kind):
+    """RWKV-4's and RWKV-7's own ``step`` (the blocks on (B, C) tensors, each layer's state
+    written into the new state, mixes stacked) gives what ``forward`` gives on one token, bit
+    for bit, in every storage with its planned kernels, from a zero and a carried state, and
+    leaves the state it was given as it was."""
+    cfg = CONFIGS[arch]
+    kw = {"quantize": "int8"} if kind == "int8" else {"dtype": {"fp32": torch.float32, "bf16": torch.bfloat16,
+                                                                "fp64": torch.float64}[kind]}
+    model = build_model(cfg, random_state_dict(cfg, seed=3), **kw)
+    plan_projections(model)
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, cfg.vocab_size, (3, 6), generator=g)
+    with torch.no_grad():
+        _, carried = model(tokens[:, :3])
+        for state in (None, carried):
+            before = None if state is None else state.clone()
+            for t in range(3, 6):
+                got = model.step(tokens[:, t], state)
+                _assert_same_step(got, ModelBase.step(model, tokens[:, t], state))
+                if before is not None:
+                    _assert_same_step((got[0], state), (got[0], before))  # not modified
+                state, before = got[1], got[1].clone()
+
+
+@pytest.mark.parametrize("arch", ["rwkv4", "rwkv7"])
+def test_step_follows_changed_weights(arch):
+    """What ``step`` keeps between tokens (stacked mixes, WKV terms) follows the weights: after
+    new memory under a parameter (``.data`` swapped, as ``module.to`` does, which keeps the
+    version counter), an in-place change (as an optimizer step makes), a load of new tensors
+    and a change of dtype, it gives what ``forward`` gives."""
+    cfg = CONFIGS[arch]
+    model = build_model(cfg, random_state_dict(cfg, seed=3))
+    tokens = torch.tensor([3, 7])
+    mix = "time_mix_k" if arch == "rwkv4" else "x_k"
+    decay = "time_decay" if arch == "rwkv4" else "x_w"
+    with torch.no_grad():
+        model.step(tokens)
+        p = getattr(model.blocks[1].att, mix)
+        p.data = torch.rand_like(p)
+        _assert_same_step(model.step(tokens), ModelBase.step(model, tokens))
+        getattr(model.blocks[1].att, mix).mul_(0.5)
+        getattr(model.blocks[0].att, decay).add_(0.25)
+        getattr(model.blocks[2].ffn, mix).mul_(0.5)
+        _assert_same_step(model.step(tokens), ModelBase.step(model, tokens))
+        sd = {k: v.clone() for k, v in model.state_dict().items()}
+        sd[f"blocks.0.att.{mix}"] = torch.rand_like(sd[f"blocks.0.att.{mix}"])
+        model.load_state_dict(sd)
+        _assert_same_step(model.step(tokens), ModelBase.step(model, tokens))
+        model.double()
+        _assert_same_step(model.step(tokens), ModelBase.step(model, tokens))
 
 
 @pytest.mark.slow

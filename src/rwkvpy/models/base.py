@@ -139,11 +139,7 @@ class ModelBase(nn.Module):
         tokens = self.check_tokens(tokens)
         B, T = tokens.shape
         zero_in = state is None
-        if state is None:
-            state = self.zero_state(B)
-        elif state.batch_size != B or state.n_layer != self.config.n_layer:
-            raise RwkvpyError(f"state has batch {state.batch_size} and {state.n_layer} layers; "
-                              f"tokens have batch {B} and the model {self.config.n_layer} layers")
+        state = self.checked_state(state, B)
         logits = []
         for start in range(0, T, segment_len):
             end = min(T, start + segment_len)
@@ -159,11 +155,29 @@ class ModelBase(nn.Module):
 
     def step(self, tokens: Tensor, state=None):
         """One token per stream: tokens (B,) -> logits (B, V), new state."""
-        tokens = torch.as_tensor(tokens)
+        logits, state = self.forward(self._step_tokens(tokens)[:, None], state)
+        return logits[:, 0], state
+
+    def _step_tokens(self, tokens) -> Tensor:
+        tokens = torch.as_tensor(tokens, device=self.device)
         if tokens.dim() != 1:
             raise RwkvpyError(f"step takes tokens of shape (B,), got {tuple(tokens.shape)}")
-        logits, state = self.forward(tokens[:, None], state)
-        return logits[:, 0], state
+        return tokens
+
+    def step_inputs(self, tokens, state):
+        """What a family's own ``step`` begins with: tokens (B,) checked as ``forward`` checks
+        them, and the state (a zero one for None) checked against them and the model."""
+        tokens = self.check_tokens(self._step_tokens(tokens)[:, None])[:, 0]
+        return tokens, self.checked_state(state, tokens.shape[0])
+
+    def checked_state(self, state, batch: int):
+        """``state`` if it fits ``batch`` rows and this model's layers; a zero state for None."""
+        if state is None:
+            return self.zero_state(batch)
+        if state.batch_size != batch or state.n_layer != self.config.n_layer:
+            raise RwkvpyError(f"state has batch {state.batch_size} and {state.n_layer} layers; "
+                              f"tokens have batch {batch} and the model {self.config.n_layer} layers")
+        return state
 
     def _use_int8_projections(self) -> None:
         """Swap every projection for an int8 one of the same shape (weights loaded afterwards)."""
@@ -187,6 +201,24 @@ class ModelBase(nn.Module):
         if "step" not in self.__dict__:  # the instance attribute shadows the method
             pin_inductor_vector_width()
             self.step = CheckedCompiledStep(self)
+
+
+def kept(module: nn.Module, name: str, params: tuple[Tensor, ...], make: Callable[[], Any]):
+    """``make()`` (tensors derived from ``params``, such as a layer's stacked mixes for decoding),
+    computed once and kept on ``module``; computed again when any of ``params`` was changed in
+    place (an optimizer step bumps its version counter) or has other memory (a new tensor, or
+    the module moved to another device or dtype). Computed afresh inside torch.compile, which
+    folds it into the graph."""
+    if torch.compiler.is_compiling():
+        return make()
+    key = tuple((p.data_ptr(), p._version) for p in params)
+    store = module.__dict__.setdefault("_kept", {})  # not an attribute of its own: none shadows a method
+    cached = store.get(name)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, make())
+        store[name] = cached
+    return cached[1]
 
 
 def pin_inductor_vector_width() -> None:

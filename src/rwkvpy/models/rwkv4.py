@@ -22,12 +22,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import RwkvpyError
 from ..ops.activation import channel_mix_products, squared_relu
 from ..ops.linear import Linear
-from ..ops.shift import time_mix
-from ..ops.wkv import EMPTY_LOG, WkvState, own_terms_may_underflow, wkv_chunked, wkv_matmul, wkv_token
-from .base import LanguageModel, build_from_state_dict, check_positive_ints, config_from_dict, finish, orthogonal
+from ..ops.shift import interpolate_token, time_mix
+from ..ops.wkv import (EMPTY_LOG, WkvState, own_terms_may_underflow, token_terms, wkv_chunked, wkv_matmul,
+                      wkv_token)
+from .base import LanguageModel, build_from_state_dict, check_positive_ints, config_from_dict, finish, kept, orthogonal
 from .state import RecurrentState
 
 # Chunk lengths as measured (docs/benchmarks.md, the 2026-11-22 and 2026-11-24 entries in History).
@@ -155,6 +155,21 @@ class TimeMix(nn.Module):
         y, s = wkv(w, u, k, v, s)
         return self.output(r * y), xx[:, -1], s
 
+    def step(self, xx: Tensor, last_x: Tensor, s: WkvState) -> tuple[Tensor, WkvState]:
+        """One token per stream, xx (B, C): ``forward``'s arithmetic, with the layer's mixes
+        stacked and its WKV terms kept between tokens."""
+        mixes, terms = kept(self, "token_constants", (self.time_mix_k, self.time_mix_v, self.time_mix_r,
+                                                       self.time_decay, self.time_first), self._token_constants)
+        xk, xv, xr = interpolate_token(last_x, xx, mixes)
+        k, v = self.key(xk), self.value(xv)
+        r = torch.sigmoid(self.receptance(xr))
+        y, s = wkv_token(terms, k, v, s)
+        return self.output(r * y), s
+
+    def _token_constants(self):
+        mixes = torch.cat((self.time_mix_k, self.time_mix_v, self.time_mix_r))  # (3, 1, C)
+        return mixes, token_terms(-torch.exp(self.time_decay), self.time_first)
+
 
 class ChannelMix(nn.Module):
     def __init__(self, cfg: RWKV4Config):
@@ -176,6 +191,14 @@ class ChannelMix(nn.Module):
         k = squared_relu(self.key(xk))
         r = torch.sigmoid(self.receptance(xr))
         return r * self.value(k), xx[:, -1]
+
+    def step(self, xx: Tensor, last_x: Tensor) -> Tensor:
+        """One token per stream, xx (B, C): ``forward``'s arithmetic, the mixes stacked."""
+        mixes = kept(self, "token_mixes", (self.time_mix_k, self.time_mix_r),
+                     lambda: torch.cat((self.time_mix_k, self.time_mix_r)))
+        xk, xr = interpolate_token(last_x, xx, mixes)
+        k = squared_relu(self.key(xk))
+        return torch.sigmoid(self.receptance(xr)) * self.value(k)
 
     def _fusable(self, xk: Tensor) -> bool:
         projections = (self.key, self.receptance, self.value)
@@ -206,6 +229,28 @@ class RWKV4(LanguageModel):
         c = self.config
         return RWKV4State.zeros(c.n_layer, batch_size, c.n_embd, c.dim_att, device=self.device,
                                 model_id=self.state_id())
+
+    def step(self, tokens: Tensor, state: RWKV4State | None = None) -> tuple[Tensor, RWKV4State]:
+        """One token per stream: tokens (B,) -> logits (B, V), new state (``state`` is not
+        modified). The blocks' own code on (B, C) tensors, each layer's state written straight
+        into the new state: the sequence form's machinery costs more than the arithmetic here."""
+        if self.wants_grad():
+            return super().step(tokens, state)
+        tokens, state = self.step_inputs(tokens, state)
+        x = self.emb(tokens).to(self.activation_dtype)  # (B, C)
+        new = RWKV4State(*(torch.empty_like(t) for t in (state.att_x, state.ffn_x, state.num, state.den, state.max)),
+                         pos=state.pos + 1, model_id=state.model_id)
+        for i, block in enumerate(self.blocks):
+            if i == 0:
+                x = block.ln0(x)
+            xx = block.ln1(x)
+            out, s = block.att.step(xx, state.att_x[i], state.layer_wkv(i))
+            new.att_x[i], new.num[i], new.den[i], new.max[i] = xx, *s
+            x = x + out
+            xx = block.ln2(x)
+            new.ffn_x[i] = xx
+            x = x + block.ffn.step(xx, state.ffn_x[i])
+        return self.head(self.ln_out(x)), new
 
     def forward(
         self, tokens: Tensor, state: RWKV4State | None = None, *, last_only: bool = False,
@@ -244,7 +289,7 @@ class RWKV4(LanguageModel):
     def _wkv(self, form: str, w: Tensor, u: Tensor, k: Tensor, v: Tensor, s: WkvState, final_state: bool):
         """The WKV of one layer in the form chosen by :meth:`_form` (k, v (B, T, C))."""
         if k.shape[1] == 1:
-            y, s = wkv_token(w, u, k[:, 0], v[:, 0], s)
+            y, s = wkv_token(token_terms(w, u), k[:, 0], v[:, 0], s)
             return y.unsqueeze(1), s
         if form in ("train", "prefill") and not own_terms_may_underflow(k.detach(), u.detach(), s.max):
             chunk = self.chunk_len or (TRAIN_CHUNK_LEN if form == "train" else PREFILL_CHUNK_LEN_CPU)

@@ -20,7 +20,6 @@ LoRA matrices (w1, a1, ...) are stored (in, out) as the official files have them
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -32,9 +31,9 @@ from torch import Tensor, nn
 from ..errors import RwkvpyError
 from ..ops.activation import squared_relu
 from ..ops.linear import Linear
-from ..ops.shift import delta_mix
+from ..ops.shift import delta_mix, interpolate_token
 from ..ops.wkv7 import wkv7_chunked, wkv7_step
-from .base import LanguageModel, build_from_state_dict, check_positive_ints, config_from_dict, finish, orthogonal
+from .base import LanguageModel, build_from_state_dict, check_positive_ints, config_from_dict, finish, kept, orthogonal
 from .state import RecurrentState
 
 MAX_LOG_DECAY = math.exp(-0.5)  # log w = -e^-0.5 sigmoid(.): decay per token >= e^-0.607
@@ -216,25 +215,38 @@ class TimeMix(nn.Module):
 
     def forward(self, x: Tensor, last_x: Tensor, S: Tensor, v_first: Tensor | None, wkv):
         """x (B, T, C) -> (output (B, T, C), last input (B, C), new S, v_first)."""
-        B, T, C = x.shape
+        mixed = delta_mix(x, last_x, *self._mixes())
+        out, S, v_first = self._mix(x.shape[:-1], mixed, S, v_first, wkv)
+        return out, x[:, -1], S, v_first
+
+    def step(self, x: Tensor, last_x: Tensor, S: Tensor, v_first: Tensor | None, wkv):
+        """One token per stream, x (B, C) -> (output (B, C), new S, v_first): ``forward``'s
+        arithmetic, the six mixes stacked into one op; ``wkv`` takes tensors (B, H, N)."""
+        mixes = kept(self, "token_mixes", self._mixes(), lambda: torch.cat(self._mixes()))
+        return self._mix(x.shape[:-1], interpolate_token(x, last_x, mixes).unbind(0), S, v_first, wkv)
+
+    def _mixes(self) -> tuple[Tensor, ...]:
+        return self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g
+
+    def _mix(self, lead: tuple[int, ...], mixed, S: Tensor, v_first: Tensor | None, wkv):
+        """The time mixing after the token shift, for inputs of shape (*lead, C)."""
+        xr, xw, xk, xv, xa, xg = mixed
         H, N = self.n_head, self.head_size
-        xr, xw, xk, xv, xa, xg = delta_mix(x, last_x, self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g)
+        heads, flat = (*lead, H, N), (*lead, H * N)
         r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
         log_w = torch.sigmoid(self.w0 + _lora(xw, self.w1, self.w2, torch.tanh)) * -MAX_LOG_DECAY
         a = torch.sigmoid(self.a0 + _lora(xa, self.a1, self.a2))
         g = _lora(xg, self.g1, self.g2, torch.sigmoid)
-        kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1)
+        kk = F.normalize((k * self.k_k).view(heads), dim=-1)
         k = k * (1 + (a - 1) * self.k_a)
         if self.layer == 0:
             v_first = v
         else:
             v = v + (v_first - v) * torch.sigmoid(self.v0 + _lora(xv, self.v1, self.v2))
-        heads = (B, T, H, N)
-        y, S = wkv(r.view(heads), log_w.view(heads), k.view(heads), v.view(heads), -kk,
-                   kk * a.view(heads), S)
-        y = F.group_norm(y.reshape(B * T, C), H, self.ln_x.weight, self.ln_x.bias, GROUP_NORM_EPS).view(B, T, C)
+        y, S = wkv(r.view(heads), log_w.view(heads), k.view(heads), v.view(heads), -kk, kk * a.view(heads), S)
+        y = F.group_norm(y.reshape(-1, H * N), H, self.ln_x.weight, self.ln_x.bias, GROUP_NORM_EPS).view(flat)
         bonus = (r.view(heads) * k.view(heads) * self.r_k).sum(-1, keepdim=True) * v.view(heads)
-        return self.output((y + bonus.view(B, T, C)) * g), x[:, -1], S, v_first
+        return self.output((y + bonus.view(flat)) * g), S, v_first
 
 
 class ChannelMix(nn.Module):
@@ -245,8 +257,10 @@ class ChannelMix(nn.Module):
         self.value = Linear(cfg.dim_ffn, cfg.n_embd, unbounded_input=True)  # relu(k)^2
 
     def forward(self, x: Tensor, last_x: Tensor):
+        """x (B, T, C) -> (output (B, T, C), last input (B, C)); one token per stream as x (B, C)
+        -> (output (B, C), x)."""
         (xk,) = delta_mix(x, last_x, self.x_k)
-        return self.value(squared_relu(self.key(xk))), x[:, -1]
+        return self.value(squared_relu(self.key(xk))), x[:, -1] if x.dim() == 3 else x
 
 
 class Block(nn.Module):
@@ -274,6 +288,35 @@ class RWKV7(LanguageModel):
     def _state_dtype(self) -> torch.dtype:
         return torch.float64 if self.activation_dtype == torch.float64 else torch.float32
 
+    def step(self, tokens: Tensor, state: RWKV7State | None = None) -> tuple[Tensor, RWKV7State]:
+        """One token per stream: tokens (B,) -> logits (B, V), new state (``state`` is not
+        modified). The blocks' arithmetic on (B, C) tensors, each layer's state written straight
+        into the new state: the sequence form's machinery costs more than the arithmetic here."""
+        if self.wants_grad():
+            return super().step(tokens, state)
+        tokens, state = self.step_inputs(tokens, state)
+        x = self.emb(tokens).to(self.activation_dtype)  # (B, C)
+        sdt = self._state_dtype()
+        new = RWKV7State(*(torch.empty_like(t, dtype=sdt) for t in (state.att_x, state.wkv, state.ffn_x)),
+                         state.pos + 1, state.model_id)
+        v_first = None
+        for i, block in enumerate(self.blocks):
+            if i == 0:
+                x = block.ln0(x)
+
+            def wkv(r, log_w, k, v, alpha, beta, S, i=i):
+                return wkv7_step(r, log_w, k, v, alpha, beta, S.to(sdt), out=new.wkv[i])
+
+            xx = block.ln1(x)
+            out, _, v_first = block.att.step(xx, state.att_x[i], state.wkv[i], v_first, wkv)
+            new.att_x[i] = xx
+            x = x + out
+            xx = block.ln2(x)
+            out, _ = block.ffn(xx, state.ffn_x[i])
+            new.ffn_x[i] = xx
+            x = x + out
+        return self.head(self.ln_out(x)), new
+
     def forward(self, tokens: Tensor, state: RWKV7State | None = None, *, last_only: bool = False,
                 return_state: bool = True) -> tuple[Tensor, RWKV7State | None]:
         """tokens (B, T) -> logits (B, T, V) (or (B, 1, V) with ``last_only``), new state.
@@ -290,15 +333,10 @@ class RWKV7(LanguageModel):
         x = self.emb(tokens).to(self.activation_dtype)  # (B, T, C)
         sdt = self._state_dtype()
 
-        # Decoding without a gradient writes each layer's S straight into the next state.
-        new_wkv = None
-        if tokens.shape[1] == 1 and not torch.is_grad_enabled():
-            new_wkv = torch.empty(state.wkv.shape, dtype=sdt, device=state.wkv.device)
-
-        def wkv(r, log_w, k, v, alpha, beta, S, out=None):
+        def wkv(r, log_w, k, v, alpha, beta, S):
             S = None if zero_in else S.to(sdt)  # not r.dtype: under bf16 autocast r is half
             if r.shape[1] == 1:
-                y, S = wkv7_step(r[:, 0], log_w[:, 0], k[:, 0], v[:, 0], alpha[:, 0], beta[:, 0], S, out=out)
+                y, S = wkv7_step(r[:, 0], log_w[:, 0], k[:, 0], v[:, 0], alpha[:, 0], beta[:, 0], S)
                 return y.unsqueeze(1), S
             return wkv7_chunked(r, log_w, k, v, alpha, beta, S, chunk_len=chunk)
 
@@ -307,8 +345,7 @@ class RWKV7(LanguageModel):
         for i, block in enumerate(self.blocks):
             if i == 0:
                 x = block.ln0(x)
-            layer_wkv = wkv if new_wkv is None else functools.partial(wkv, out=new_wkv[i])
-            out, ax, S, v_first = block.att(block.ln1(x), state.att_x[i], state.wkv[i], v_first, layer_wkv)
+            out, ax, S, v_first = block.att(block.ln1(x), state.att_x[i], state.wkv[i], v_first, wkv)
             x = x + out
             out, fx = block.ffn(block.ln2(x), state.ffn_x[i])
             x = x + out
@@ -319,8 +356,7 @@ class RWKV7(LanguageModel):
         if last_only:
             x = x[:, -1:]
         logits = self.head(self.ln_out(x))
-        wkv_state = new_wkv if new_wkv is not None else torch.stack(wkv_s).to(sdt)
-        new = RWKV7State(torch.stack(att_x).to(sdt), wkv_state, torch.stack(ffn_x).to(sdt),
+        new = RWKV7State(torch.stack(att_x).to(sdt), torch.stack(wkv_s).to(sdt), torch.stack(ffn_x).to(sdt),
                          state.pos + tokens.shape[1], state.model_id)
         yield logits, new
 

@@ -3,7 +3,8 @@ previous position's (the first position: the state's last input).
 
     shifted = shift(x, last),   out_i = shifted + mix_i (x - shifted)   for each mix_i (C,)
 
-Sequences are (B, T, C); a single token per stream (decoding) is (B, C).
+Sequences are (B, T, C); a single token per stream (decoding) is (B, C), and there
+:func:`interpolate_token` computes every mix of a layer in one op.
 """
 
 import torch
@@ -63,3 +64,10 @@ def delta_mix(x: Tensor, last: Tensor, *mixes: Tensor) -> tuple[Tensor, ...]:
     :func:`time_mix` with 1 - mix_i. Autograd's own backward (RWKV-7 trains through it as is)."""
     d = token_shift(x, last) - x
     return tuple(torch.addcmul(x, mix.view(-1), d) for mix in mixes)
+
+
+def interpolate_token(start: Tensor, end: Tensor, mixes: Tensor) -> Tensor:
+    """One token per stream: start, end (B, C), mixes (n, 1, C) stacked -> (n, B, C), row i
+    ``start + mix_i (end - start)``: :func:`time_mix` is start = the shifted input (the state's
+    last one), end = x; :func:`delta_mix` the reverse. Each row is those functions' arithmetic."""
+    return torch.addcmul(start, mixes, end - start)

@@ -66,25 +66,42 @@ def _initial(state: WkvState | None, k: Tensor) -> WkvState:
     return state if state.num.dtype == k.dtype else WkvState(*(s.to(k.dtype) for s in state))
 
 
-def wkv_token(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WkvState) -> tuple[Tensor, WkvState]:
-    """One token: k, v (B, C) -> out (B, C), state after the token (the official update)."""
+class TokenTerms(NamedTuple):
+    """What :func:`wkv_token` adds, per channel, to compute the output and the update as one
+    (2, B, C) pass: row 0 the output's exponents, row 1 the new state's."""
+
+    decay: Tensor  # (2, 1, C): [0, w], added to max
+    bonus: Tensor  # (2, 1, C): [u, 0], added to k
+
+
+def token_terms(w: Tensor, u: Tensor) -> TokenTerms:
+    """The constants of :func:`wkv_token` for a layer (a decoding model keeps them)."""
+    zero = torch.zeros_like(w)
+    return TokenTerms(torch.stack((zero, w))[:, None], torch.stack((u, zero))[:, None])
+
+
+def wkv_token(terms: TokenTerms, k: Tensor, v: Tensor, state: WkvState) -> tuple[Tensor, WkvState]:
+    """One token: k, v (B, C) -> out (B, C), state after the token (the official update).
+    Output and update are the same arithmetic on different exponents: with p the larger of
+    max + [0, w] and k + [u, 0], row 0 is out's numerator and denominator, row 1 the new
+    num, den and max."""
     num, den, mx = state
-    uk = u + k
-    p = torch.maximum(mx, uk)
-    e1, e2 = torch.exp(mx - p), torch.exp(uk - p)
-    out = torch.addcmul(e1 * num, e2, v) / torch.addcmul(e2, e1, den)
-    decayed = mx + w
-    p = torch.maximum(decayed, k)
-    e1, e2 = torch.exp(decayed - p), torch.exp(k - p)
-    return out, WkvState(torch.addcmul(e1 * num, e2, v), torch.addcmul(e2, e1, den), p)
+    a = mx + terms.decay
+    b = k + terms.bonus
+    p = torch.maximum(a, b)
+    e1, e2 = torch.exp(a - p), torch.exp(b - p)
+    n = torch.addcmul(e1 * num, e2, v)
+    d = torch.addcmul(e2, e1, den)
+    return n[0] / d[0], WkvState(n[1], d[1], p[1])
 
 
 def wkv_step(w: Tensor, u: Tensor, k: Tensor, v: Tensor, state: WkvState | None = None):
     """Recurrent form: :func:`wkv_token` applied token by token."""
     s = _initial(state, k)
+    terms = token_terms(w, u)
     outs = []
     for t in range(k.shape[1]):
-        out, s = wkv_token(w, u, k[:, t], v[:, t], s)
+        out, s = wkv_token(terms, k[:, t], v[:, t], s)
         outs.append(out)
     return torch.stack(outs, dim=1), s
 
