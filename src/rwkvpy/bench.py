@@ -138,19 +138,50 @@ def official_tasks(pth: Path, kind: str, vocab: int, prompt, decode_tokens, repe
     return tasks
 
 
-def official_rwkv7_rates(pth: Path, kind: str, vocab: int, prompt, decode_tokens, repeats) -> dict[str, float]:
-    """The official package's RWKV-7 (it needs ``RWKV_V7_ON=1`` before import, for the whole
-    process) timed in a child process: its own warm-up and repeats, medians as tok/s. Not
-    interleaved with the other measurements, unlike everything else here."""
-    env = dict(os.environ, RWKV_V7_ON="1", RWKV_JIT_ON="1", RWKV_CUDA_ON="0")
-    out = subprocess.run([sys.executable, "-m", "rwkvpy.bench", "official-rwkv7", str(pth), OFFICIAL_STRATEGY[kind],
-                          str(vocab), str(prompt), str(decode_tokens), str(repeats)],
-                         capture_output=True, text=True, check=True, env=env)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+_REPLY = "rwkvpy-bench:"  # marks the child's protocol lines among whatever the package prints
+
+
+class OfficialRwkv7:
+    """The official package's RWKV-7 in a child process (``RWKV_V7_ON=1`` swaps its class for
+    the whole process), which times one call per request: its measurements take their turns in
+    the round-robin like every other task, instead of after them."""
+
+    def __init__(self, pth: Path, strategy: str, vocab: int, prompt: int, decode_tokens: int):
+        env = dict(os.environ, RWKV_V7_ON="1", RWKV_JIT_ON="1", RWKV_CUDA_ON="0")
+        self.proc = subprocess.Popen([sys.executable, "-m", "rwkvpy.bench", "official-rwkv7", str(pth), strategy,
+                                      str(vocab), str(prompt), str(decode_tokens)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self._reply()  # loaded
+
+    def _reply(self) -> str:
+        for line in self.proc.stdout:
+            if line.startswith(_REPLY):
+                return line[len(_REPLY):].strip()
+        raise RuntimeError(f"the official package's child process ended (exit code {self.proc.wait()})")
+
+    def timed(self, what: str) -> float:
+        """Seconds one ``decode`` or ``prefill`` call took, timed in the child."""
+        self.proc.stdin.write(what + "\n")
+        self.proc.stdin.flush()
+        return float(self._reply())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def official_rwkv7_tasks(child: OfficialRwkv7, strategy: str, prompt: int, decode_tokens: int,
+                         repeats: int) -> list[Task]:
+    name = f"official {strategy}"
+    tasks = [Task(f"{name} decode batch 1", lambda: child.timed("decode"), decode_tokens, repeats)]
+    if strategy == "cpu fp32":
+        tasks.append(Task(f"{name} prefill {prompt}", lambda: child.timed("prefill"), prompt, repeats))
+    return tasks
 
 
 @torch.no_grad()
-def _child_official_rwkv7(pth: str, strategy: str, vocab: str, prompt: str, decode_tokens: str, repeats: str) -> None:
+def _child_official_rwkv7(pth: str, strategy: str, vocab: str, prompt: str, decode_tokens: str) -> None:
+    """Serve :class:`OfficialRwkv7`: load, say so, then time one call per line read."""
     from rwkv.model import RWKV
 
     model = RWKV(pth.removesuffix(".pth"), strategy)
@@ -164,11 +195,12 @@ def _child_official_rwkv7(pth: str, strategy: str, vocab: str, prompt: str, deco
         for t in ids[8: 8 + n]:
             _, s = model.forward([t], s)
 
-    name = f"official {strategy}"
-    rates = {f"{name} decode batch 1": n / median_time(decode, int(repeats))}
-    if strategy == "cpu fp32":
-        rates[f"{name} prefill {prompt}"] = int(prompt) / median_time(lambda: model.forward(ids, None), int(repeats))
-    print(json.dumps(rates))
+    calls = {"decode": decode, "prefill": lambda: model.forward(ids, None)}
+    print(_REPLY, "ready", flush=True)
+    for line in sys.stdin:
+        t0 = time.perf_counter()
+        calls[line.strip()]()
+        print(_REPLY, time.perf_counter() - t0, flush=True)
 
 
 def hf_tasks(folder: Path, kind: str, vocab: int, prompt, decode_tokens, repeats, g) -> list[Task]:
@@ -266,7 +298,7 @@ def run(path, kinds=("fp32", "bf16", "int8"), batches=(1, 16, 64), prompt: int =
     for kind in kinds:
         t, per_token[kind] = rwkvpy_tasks(path, kind, batches, prompt, decode_tokens, repeats, g, compiled)
         tasks += t
-    child_rates: dict[str, float] = {}
+    children: list[OfficialRwkv7] = []
     with tempfile.TemporaryDirectory() as tmp:
         cfg, sd, _ = read_checkpoint(path)
         if peers and cfg.arch == "rwkv7":
@@ -276,9 +308,11 @@ def run(path, kinds=("fp32", "bf16", "int8"), batches=(1, 16, 64), prompt: int =
                 write_checkpoint(cfg, sd, Path(tmp) / "model.pth", "pth")
                 for kind in kinds:
                     if kind in ("fp32", "bf16"):  # its RWKV-7 runs fp32, bf16 and fp16 only
-                        log(f"official rwkv package, RWKV-7, {kind}: timed in a child process")
-                        child_rates.update(official_rwkv7_rates(Path(tmp) / "model.pth", kind, cfg.vocab_size,
-                                                                prompt, decode_tokens, repeats))
+                        log(f"official rwkv package, RWKV-7, {kind}: in a child process, timed in turn")
+                        strategy = OFFICIAL_STRATEGY[kind]
+                        children.append(OfficialRwkv7(Path(tmp) / "model.pth", strategy, cfg.vocab_size, prompt,
+                                                      decode_tokens))
+                        tasks += official_rwkv7_tasks(children[-1], strategy, prompt, decode_tokens, repeats)
             except ImportError:
                 log("official rwkv package not installed: skipped")
         elif peers and cfg.arch == "rwkv4":
@@ -303,17 +337,21 @@ def run(path, kinds=("fp32", "bf16", "int8"), batches=(1, 16, 64), prompt: int =
             except ImportError:
                 log("transformers not installed: skipped")
         del sd
-        for task in tasks:
-            task.fn()  # warm-up
-        rounds = max(t.repeats for t in tasks)
-        for r in tqdm(range(rounds), desc="rounds", leave=False):
+        try:
             for task in tasks:
-                if r < task.repeats:
-                    t0 = time.perf_counter()
-                    task.fn()
-                    task.times.append(time.perf_counter() - t0)
+                task.fn()  # warm-up
+            rounds = max(t.repeats for t in tasks)
+            for r in tqdm(range(rounds), desc="rounds", leave=False):
+                for task in tasks:
+                    if r < task.repeats:
+                        t0 = time.perf_counter()
+                        seconds = task.fn()  # a child's task returns its own timing (no pipe in it)
+                        task.times.append(seconds if isinstance(seconds, float) else time.perf_counter() - t0)
+        finally:
+            for child in children:
+                child.close()
 
-    rates = {**{t.name: t.rate for t in tasks}, **child_rates}
+    rates = {t.name: t.rate for t in tasks}
     result = {"machine": info, "bandwidth_gbs": bandwidth / 1e9, "prompt": prompt, "repeats": repeats,
               "tok_s": rates, "bytes_per_token": per_token, "floor_tok_s": {}, "ratios": {}, "peak_rss_mib": {}}
     for kind in kinds:
