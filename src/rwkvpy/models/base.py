@@ -321,6 +321,34 @@ class LanguageModel(ModelBase):
     def device(self) -> torch.device:
         return self.emb.weight.device
 
+    # A family with a one-token path defines ``_step_layer(i, block, x, state, new, carry) -> (x,
+    # carry)``: layer i on x (B, C), writing its part of ``new``; ``carry`` is what one layer hands
+    # the next (RWKV-7's v_first). Without it, ``step`` is ``forward`` on one token.
+    _step_layer: Callable | None = None
+
+    def step_state_dtype(self) -> torch.dtype:
+        """The dtype of the states ``step`` writes."""
+        return torch.float32
+
+    def step(self, tokens: Tensor, state=None):
+        """One token per stream: tokens (B,) -> logits (B, V), new state (``state`` is not
+        modified). Through the family's ``_step_layer`` where it has one: the blocks' arithmetic
+        on (B, C) tensors, each layer's state written straight into the new state (the sequence
+        form's machinery costs more than the arithmetic here); a gradient takes ``forward``."""
+        if type(self)._step_layer is None or self.wants_grad():
+            return super().step(tokens, state)
+        tokens, state = self.step_inputs(tokens, state)
+        x = self.emb(tokens).to(self.activation_dtype)  # (B, C)
+        dtype = self.step_state_dtype()
+        new = type(state)(**{name: t + 1 if name == "pos" else torch.empty_like(t, dtype=dtype)
+                             for name, t in state.tensors().items()}, model_id=state.model_id)
+        carry = None
+        for i, block in enumerate(self.blocks):
+            if i == 0:
+                x = block.ln0(x)
+            x, carry = self._step_layer(i, block, x, state, new, carry)
+        return self.head(self.ln_out(x)), new
+
 
 def build_from_state_dict(make: Callable[[], ModelBase], sd: dict[str, Tensor], projections: tuple[str, ...],
                           is_matrix: Callable[[str, Tensor], bool], dtype=torch.float32, device="cpu",

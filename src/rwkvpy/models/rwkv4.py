@@ -230,27 +230,15 @@ class RWKV4(LanguageModel):
         return RWKV4State.zeros(c.n_layer, batch_size, c.n_embd, c.dim_att, device=self.device,
                                 model_id=self.state_id())
 
-    def step(self, tokens: Tensor, state: RWKV4State | None = None) -> tuple[Tensor, RWKV4State]:
-        """One token per stream: tokens (B,) -> logits (B, V), new state (``state`` is not
-        modified). The blocks' own code on (B, C) tensors, each layer's state written straight
-        into the new state: the sequence form's machinery costs more than the arithmetic here."""
-        if self.wants_grad():
-            return super().step(tokens, state)
-        tokens, state = self.step_inputs(tokens, state)
-        x = self.emb(tokens).to(self.activation_dtype)  # (B, C)
-        new = RWKV4State(*(torch.empty_like(t) for t in (state.att_x, state.ffn_x, state.num, state.den, state.max)),
-                         pos=state.pos + 1, model_id=state.model_id)
-        for i, block in enumerate(self.blocks):
-            if i == 0:
-                x = block.ln0(x)
-            xx = block.ln1(x)
-            out, s = block.att.step(xx, state.att_x[i], state.layer_wkv(i))
-            new.att_x[i], new.num[i], new.den[i], new.max[i] = xx, *s
-            x = x + out
-            xx = block.ln2(x)
-            new.ffn_x[i] = xx
-            x = x + block.ffn.step(xx, state.ffn_x[i])
-        return self.head(self.ln_out(x)), new
+    def _step_layer(self, i: int, block: Block, x: Tensor, state: RWKV4State, new: RWKV4State, carry):
+        """Layer i of ``step`` (see :meth:`LanguageModel.step`)."""
+        xx = block.ln1(x)
+        out, s = block.att.step(xx, state.att_x[i], state.layer_wkv(i))
+        new.att_x[i], new.num[i], new.den[i], new.max[i] = xx, *s
+        x = x + out
+        xx = block.ln2(x)
+        new.ffn_x[i] = xx
+        return x + block.ffn.step(xx, state.ffn_x[i]), None
 
     def forward(
         self, tokens: Tensor, state: RWKV4State | None = None, *, last_only: bool = False,

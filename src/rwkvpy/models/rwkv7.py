@@ -288,34 +288,21 @@ class RWKV7(LanguageModel):
     def _state_dtype(self) -> torch.dtype:
         return torch.float64 if self.activation_dtype == torch.float64 else torch.float32
 
-    def step(self, tokens: Tensor, state: RWKV7State | None = None) -> tuple[Tensor, RWKV7State]:
-        """One token per stream: tokens (B,) -> logits (B, V), new state (``state`` is not
-        modified). The blocks' arithmetic on (B, C) tensors, each layer's state written straight
-        into the new state: the sequence form's machinery costs more than the arithmetic here."""
-        if self.wants_grad():
-            return super().step(tokens, state)
-        tokens, state = self.step_inputs(tokens, state)
-        x = self.emb(tokens).to(self.activation_dtype)  # (B, C)
-        sdt = self._state_dtype()
-        new = RWKV7State(*(torch.empty_like(t, dtype=sdt) for t in (state.att_x, state.wkv, state.ffn_x)),
-                         state.pos + 1, state.model_id)
-        v_first = None
-        for i, block in enumerate(self.blocks):
-            if i == 0:
-                x = block.ln0(x)
+    step_state_dtype = _state_dtype
 
-            def wkv(r, log_w, k, v, alpha, beta, S, i=i):
-                return wkv7_step(r, log_w, k, v, alpha, beta, S.to(sdt), out=new.wkv[i])
+    def _step_layer(self, i: int, block: Block, x: Tensor, state: RWKV7State, new: RWKV7State, v_first):
+        """Layer i of ``step`` (see :meth:`LanguageModel.step`); the layers carry v_first."""
+        def wkv(r, log_w, k, v, alpha, beta, S):
+            return wkv7_step(r, log_w, k, v, alpha, beta, S.to(new.wkv.dtype), out=new.wkv[i])
 
-            xx = block.ln1(x)
-            out, _, v_first = block.att.step(xx, state.att_x[i], state.wkv[i], v_first, wkv)
-            new.att_x[i] = xx
-            x = x + out
-            xx = block.ln2(x)
-            out, _ = block.ffn(xx, state.ffn_x[i])
-            new.ffn_x[i] = xx
-            x = x + out
-        return self.head(self.ln_out(x)), new
+        xx = block.ln1(x)
+        out, _, v_first = block.att.step(xx, state.att_x[i], state.wkv[i], v_first, wkv)
+        new.att_x[i] = xx
+        x = x + out
+        xx = block.ln2(x)
+        out, _ = block.ffn(xx, state.ffn_x[i])
+        new.ffn_x[i] = xx
+        return x + out, v_first
 
     def forward(self, tokens: Tensor, state: RWKV7State | None = None, *, last_only: bool = False,
                 return_state: bool = True) -> tuple[Tensor, RWKV7State | None]:
