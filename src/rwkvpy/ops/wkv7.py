@@ -18,11 +18,11 @@ Forms, all ``(r, log_w, k, v, alpha, beta) of shape (B, T, H, N), S (B, H, N, N)
     wkv7_recurrent  the step in a loop over T, for tests (use float64)
     wkv7_chunked    the parallel form: within a chunk of L tokens the product of transitions is
                     written in WY form, diag(Gamma_t) (I + sum_s z_s (beta_s / Gamma_s)^T), its
-                    vectors found by one unit-lower-triangular solve per chunk; all chunks at
-                    once, then two small products per chunk carry the state (O(L N^2) each,
-                    never an N x N by N x N product). Its backward is written out (the same
-                    products transposed, in reverse through the chunks, and one more
-                    triangular solve); the log-decays' gradient is sum_x (+-) x dx over the
+                    vectors found with the inverse of one unit-lower-triangular matrix per
+                    chunk; all chunks at once, then two small products per chunk carry the
+                    state (O(L N^2) each, never an N x N by N x N product). Its backward is
+                    written out (the same products transposed, in reverse through the chunks,
+                    and the inverse's transpose); the log-decays' gradient is sum_x (+-) x dx over the
                     inputs each decay factor scales, then a reverse cumulative sum.
 
 The cumulative decays Gamma_t = prod_{i<=t} w_i appear only as ratios Gamma_t / Gamma_s with
@@ -107,7 +107,12 @@ def _chunk_terms(r: Tensor, log_w: Tensor, k: Tensor, v: Tensor, alpha: Tensor, 
     rhs = r.new_empty(B, H, n, L, 2 * N)
     torch.mul(alpha, e["prev"], out=rhs[..., :N])
     rhs[..., N:] = t["Mk"] @ v  # (a product's out= into these strided columns ran 3x slower)
-    t["WU"] = WU = torch.linalg.solve_triangular(t["eye"] - t["M"], rhs, upper=False, unitriangular=True)
+    # (I - M)^-1 from a solve against I, then one product: a solve against [a_dec, Mk V] (L x 2N)
+    # took twice as long (LAPACK's right-hand sides go column-major: two strided copies), and
+    # the backward reuses the inverse where it would solve again.
+    eye = t["eye"].expand_as(t["M"])
+    t["inv"] = torch.linalg.solve_triangular(eye - t["M"], eye, upper=False, unitriangular=True)
+    t["WU"] = WU = t["inv"] @ rhs
     t["W"], t["U"] = WU[..., :N], WU[..., N:]
     # y = E S0^T + Fy, E = Gamma_t r_t + Qb W;  S_end = S0 diag(Gamma_L) + H^T b_end + V^T k_end
     t["EW"] = EW = r.new_empty(B, H, n, 2 * L, N)  # one product with S per chunk gives y and H
@@ -146,7 +151,7 @@ def _unchunk(y: Tensor, T: int) -> Tensor:
 
 class _WKV7Chunked(torch.autograd.Function):
     """The chunked form with its backward written out (the same products, transposed, and one
-    more triangular solve), instead of autograd's graph of ~40 small ops per chunk."""
+    product with the inverse's transpose), instead of autograd's graph of ~40 small ops per chunk."""
 
     @staticmethod
     def forward(ctx, r, log_w, k, v, alpha, beta, S, L):
@@ -203,7 +208,7 @@ class _WKV7Chunked(torch.autograd.Function):
         dQk = dy @ v.transpose(-1, -2)
         dv = dv + Qk.transpose(-1, -2) @ dy
         # [W, U] = (I - M)^-1 [a_dec, Mk V]
-        G = torch.linalg.solve_triangular((t["eye"] - t["M"]).transpose(-1, -2), dWU, upper=True, unitriangular=True)
+        G = t["inv"].transpose(-1, -2) @ dWU
         da_dec, dMkV = G[..., :N], G[..., N:]
         zero = v.new_zeros(())
         dP = torch.empty_like(t["P"])  # [dM, dMk; dQb, dQk], the blocks written in place
