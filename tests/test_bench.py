@@ -26,14 +26,24 @@ def test_official_rwkv7_is_timed_in_turn_by_its_child(tmp_path, monkeypatch):
         order.append(f"official {what}")
         return real_timed(self, what)
 
+    real_rwkvpy_tasks = bench.rwkvpy_tasks
+
+    def rwkvpy_tasks(*args, **kw):
+        tasks, per_token = real_rwkvpy_tasks(*args, **kw)
+        for task in tasks:
+            task.fn = (lambda fn, name: lambda: order.append(name) or fn())(task.fn, task.name)
+        return tasks, per_token
+
     monkeypatch.setattr(bench.OfficialRwkv7, "timed", timed)
+    monkeypatch.setattr(bench, "rwkvpy_tasks", rwkvpy_tasks)
     monkeypatch.setattr(bench, "peak_rss", lambda path, kind: 0)  # fresh processes of their own: not under test
     result = bench.run(tmp_path / "m", kinds=("fp32",), batches=(1,), prompt=16, decode_tokens=2, repeats=3,
                        log=lambda *a: None)
     rates = result["tok_s"]
     assert rates["official cpu fp32 decode batch 1"] > 0 and rates["official cpu fp32 prefill 16"] > 0
     assert "decode batch 1 / official cpu fp32" in result["ratios"]["fp32"]
-    assert order == ["official decode", "official prefill"] * 4  # warm-up, then one of each per round
+    one_round = ["rwkvpy fp32 decode batch 1", "rwkvpy fp32 prefill 16", "official decode", "official prefill"]
+    assert order == one_round * 4  # the warm-up, then three rounds of one call each, in turn
     assert len(children) == 1 and children[0].proc.poll() == 0
 
 
