@@ -323,7 +323,8 @@ class LanguageModel(ModelBase):
 
     # A family with a one-token path defines ``_step_layer(i, block, x, state, new, carry) -> (x,
     # carry)``: layer i on x (B, C), writing its part of ``new``; ``carry`` is what one layer hands
-    # the next (RWKV-7's v_first). Without it, ``step`` is ``forward`` on one token.
+    # the next (RWKV-7's v_first); its first block has ``ln0`` (the RWKV families). Without it
+    # (RetNet), ``step`` is ``forward`` on one token.
     _step_layer: Callable | None = None
 
     def step_state_dtype(self) -> torch.dtype:
