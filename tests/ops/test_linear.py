@@ -90,6 +90,22 @@ def test_int8_dequantized_product(rows, out, n_in):
     assert within_rounding(y, x, q.float() * scale[:, None], 2**-20)
 
 
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("out", OUTS)
+@pytest.mark.parametrize("n_in", [48, 37])
+def test_int8_bf16_product(rows, out, n_in):
+    """int8 weights widened to bf16 (exact), x rounded to bf16, fp32 sums, per-row scales: within
+    three bf16 roundings of the product with the dequantized weights; relu(k)^2-sized inputs too."""
+    w = weights(out, n_in)
+    q, scale = quantize_int8(w)
+    assert torch.equal(q.to(torch.bfloat16).to(torch.int8), q)
+    for x in (torch.randn(rows, n_in), torch.relu(torch.randn(rows, n_in) * 100).square()):
+        with torch.no_grad():
+            y = plan.int8_bf16(x, q, scale)
+        assert y.dtype == torch.float32
+        assert within_rounding(y, x, q.float() * scale[:, None], 3 * 2**-9)
+
+
 def test_torch_int8_kernel_where_the_probe_passed_it():
     """torch's int8 kernel runs in this process only for shapes a subprocess probe found right
     (on AVX-512 CPUs it crashes or returns garbage when in_features is not a multiple of 16)."""
