@@ -327,8 +327,8 @@ class LanguageModel(ModelBase):
     # (RetNet), ``step`` is ``forward`` on one token.
     _step_layer: Callable | None = None
 
-    def step_state_dtype(self) -> torch.dtype:
-        """The dtype of the states ``step`` writes."""
+    def _state_dtype(self) -> torch.dtype:
+        """The dtype of the layer tensors of this family's states."""
         return torch.float32
 
     def step(self, tokens: Tensor, state=None):
@@ -340,7 +340,7 @@ class LanguageModel(ModelBase):
             return super().step(tokens, state)
         tokens, state = self.step_inputs(tokens, state)
         x = self.emb(tokens).to(self.activation_dtype)  # (B, C)
-        dtype = self.step_state_dtype()
+        dtype = self._state_dtype()
         new = type(state)(**{name: t + 1 if name == "pos" else torch.empty_like(t, dtype=dtype)
                              for name, t in state.tensors().items()}, model_id=state.model_id)
         carry = None

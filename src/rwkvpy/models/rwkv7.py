@@ -288,8 +288,6 @@ class RWKV7(LanguageModel):
     def _state_dtype(self) -> torch.dtype:
         return torch.float64 if self.activation_dtype == torch.float64 else torch.float32
 
-    step_state_dtype = _state_dtype
-
     def _step_layer(self, i: int, block: Block, x: Tensor, state: RWKV7State, new: RWKV7State, v_first):
         """Layer i of ``step`` (see :meth:`LanguageModel.step`); the layers carry v_first."""
         def wkv(r, log_w, k, v, alpha, beta, S):

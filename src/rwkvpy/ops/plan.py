@@ -222,7 +222,7 @@ def int8_bf16(x: Tensor, q: Tensor, scale: Tensor, unbounded: bool = False) -> T
     product in bf16 with fp32 sums, then the per-row scales. On CPUs with bf16 arithmetic it
     is 2-2.5x the other int8 kernels from ~48 rows on (a prompt, a batch of streams); the
     conversion is per call, so no second copy of the weight is kept."""
-    return F.linear(x.to(torch.bfloat16), q.to(torch.bfloat16)).to(x.dtype) * scale
+    return linear_bf16(x, q) * scale
 
 
 INT8_ALIGNMENT = 64  # bytes: torch 2.13's int8 weight kernel segfaults on a weight not so aligned

@@ -103,14 +103,13 @@ def _chunk_terms(r: Tensor, log_w: Tensor, k: Tensor, v: Tensor, alpha: Tensor, 
              decay_end=torch.exp(c_end))  # (.., 1, N_k): scales the state's key columns
     # h_t = S_{t-1} alpha_t for every t: H = (I - M)^-1 (a_dec S0^T + Mk V) = W S0^T + U,
     # a_dec = Gamma_{t-1} alpha_t (true scale)
-    t["eye"] = torch.eye(L, dtype=r.dtype, device=r.device)
     rhs = r.new_empty(B, H, n, L, 2 * N)
     torch.mul(alpha, e["prev"], out=rhs[..., :N])
     rhs[..., N:] = t["Mk"] @ v  # (a product's out= into these strided columns ran 3x slower)
     # (I - M)^-1 from a solve against I, then one product: a solve against [a_dec, Mk V] (L x 2N)
     # took twice as long (LAPACK's right-hand sides go column-major: two strided copies), and
     # the backward reuses the inverse where it would solve again.
-    eye = t["eye"].expand_as(t["M"])
+    eye = torch.eye(L, dtype=r.dtype, device=r.device).expand_as(t["M"])
     t["inv"] = torch.linalg.solve_triangular(eye - t["M"], eye, upper=False, unitriangular=True)
     t["WU"] = WU = t["inv"] @ rhs
     t["W"], t["U"] = WU[..., :N], WU[..., N:]
