@@ -127,3 +127,26 @@ def test_half_precision_inputs_are_widened():
         y, S = wkv7_chunked(*(t.bfloat16() for t in x[:-1]), x[-1], chunk_len=16)
     assert y.dtype == S.dtype == torch.float32
     assert rel_err(y, ref[0]) < 1e-6 and rel_err(S, ref[1]) < 1e-6
+
+
+@pytest.mark.parametrize("zero_in", [False, True])
+def test_chunked_form_traces_whole_under_torch_compile(zero_in):
+    """torch.compile sees the chunked form, its backward included, as one graph (a graph break
+    there, from ``out=`` into a slice, made compiled RWKV-7 training fail in torch's replay of
+    aliased outputs), and the traced graph (the copies that replace ``out=`` there) computes
+    what eager does: outputs and gradients in fp64, three chunks, the last one padded."""
+    torch._dynamo.reset()
+    *x, S = make_inputs(2, 20, 2, 8, seed=11)
+    S = None if zero_in else S.requires_grad_()
+    x = [t.requires_grad_() for t in x]
+
+    def loss(*x):
+        y, S_out = wkv7_chunked(*x, chunk_len=8)
+        return (y * y).sum() + S_out.sum()
+
+    assert torch._dynamo.explain(loss)(*x, S).graph_break_count == 0
+    inputs = [t for t in (*x, S) if t is not None]
+    ref = torch.autograd.grad(loss(*x, S), inputs)
+    got = torch.autograd.grad(torch.compile(loss, backend="aot_eager")(*x, S), inputs)
+    for a, b in zip(got, ref):
+        assert rel_err(a, b) < 1e-12

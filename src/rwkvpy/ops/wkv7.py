@@ -66,6 +66,15 @@ def wkv7_recurrent(r: Tensor, log_w: Tensor, k: Tensor, v: Tensor, alpha: Tensor
     return torch.stack(ys, 1), S
 
 
+def _into(out: Tensor, op, *args) -> Tensor:
+    """``op(*args)`` written into ``out``, a slice of a larger buffer: with ``out=`` in eager (no
+    temporary); torch.compile cannot trace ``out=`` into a non-contiguous tensor, so there it is
+    a copy into the slice, which inductor fuses with the op."""
+    if torch.compiler.is_compiling():
+        return out.copy_(op(*args))
+    return op(*args, out=out)
+
+
 def _chunks(x: Tensor, L: int, pad: int) -> Tensor:
     """(B, T, H, N) -> (B, H, n, L, N), zero-padded at the end (a zero step is the identity:
     log_w = 0, k = v = alpha = beta = 0 leave the state as it is)."""
@@ -89,10 +98,10 @@ def _chunk_terms(r: Tensor, log_w: Tensor, k: Tensor, v: Tensor, alpha: Tensor, 
     # [a_rel; r_rel] and [b_inv; k_inv], written in place: one product of the two gives the four
     # L x L interactions (Gamma_{t-1} alpha_t or Gamma_t r_t) . (beta_s or k_s) / Gamma_s.
     ar, bk = r.new_empty(B, H, n, 2 * L, N), r.new_empty(B, H, n, 2 * L, N)
-    torch.mul(alpha, e["rel_prev"], out=ar[..., :L, :])  # Gamma_{t-1} alpha_t, relative to m
-    torch.mul(r, e["rel"], out=ar[..., L:, :])  # Gamma_t r_t
-    torch.mul(beta, e["inv"], out=bk[..., :L, :])  # beta_s / Gamma_s
-    torch.mul(k, e["inv"], out=bk[..., L:, :])  # k_s / Gamma_s
+    _into(ar[..., :L, :], torch.mul, alpha, e["rel_prev"])  # Gamma_{t-1} alpha_t, relative to m
+    _into(ar[..., L:, :], torch.mul, r, e["rel"])  # Gamma_t r_t
+    _into(bk[..., :L, :], torch.mul, beta, e["inv"])  # beta_s / Gamma_s
+    _into(bk[..., L:, :], torch.mul, k, e["inv"])  # k_s / Gamma_s
     P = ar @ bk.transpose(-1, -2)
     ones = torch.ones(L, L, dtype=torch.bool, device=r.device)
     strict, incl = torch.tril(ones, -1), torch.tril(ones)  # alpha, beta: s < t;  r: s <= t
@@ -104,7 +113,7 @@ def _chunk_terms(r: Tensor, log_w: Tensor, k: Tensor, v: Tensor, alpha: Tensor, 
     # h_t = S_{t-1} alpha_t for every t: H = (I - M)^-1 (a_dec S0^T + Mk V) = W S0^T + U,
     # a_dec = Gamma_{t-1} alpha_t (true scale)
     rhs = r.new_empty(B, H, n, L, 2 * N)
-    torch.mul(alpha, e["prev"], out=rhs[..., :N])
+    _into(rhs[..., :N], torch.mul, alpha, e["prev"])
     rhs[..., N:] = t["Mk"] @ v  # (a product's out= into these strided columns ran 3x slower)
     # (I - M)^-1 from a solve against I, then one product: a solve against [a_dec, Mk V] (L x 2N)
     # took twice as long (LAPACK's right-hand sides go column-major: two strided copies), and
@@ -115,7 +124,7 @@ def _chunk_terms(r: Tensor, log_w: Tensor, k: Tensor, v: Tensor, alpha: Tensor, 
     t["W"], t["U"] = WU[..., :N], WU[..., N:]
     # y = E S0^T + Fy, E = Gamma_t r_t + Qb W;  S_end = S0 diag(Gamma_L) + H^T b_end + V^T k_end
     t["EW"] = EW = r.new_empty(B, H, n, 2 * L, N)  # one product with S per chunk gives y and H
-    t["E"] = torch.add(r * e["cur"], t["Qb"] @ t["W"], out=EW[..., :L, :])
+    t["E"] = _into(EW[..., :L, :], torch.add, r * e["cur"], t["Qb"] @ t["W"])
     EW[..., L:, :] = t["W"]
     t["Fy"] = t["Qb"] @ t["U"] + t["Qk"] @ v
     t["J"] = v.transpose(-1, -2) @ t["k_end"]  # (B, H, n, N_v, N_k)
@@ -181,17 +190,17 @@ class _WKV7Chunked(torch.autograd.Function):
                     buf[:, :, i] = 0
             else:
                 dJ[:, :, i] = dS
-                torch.matmul(t["b_end"][:, :, i], dS.transpose(-1, -2), out=dyh[:, :, i, L:])  # dh
-                torch.matmul(hs[i], dS, out=db_end[:, :, i])
+                dyh[:, :, i, L:] = t["b_end"][:, :, i] @ dS.transpose(-1, -2)  # dh
+                db_end[:, :, i] = hs[i] @ dS
                 if S_i is None:
                     dD[:, :, i] = 0
                 else:
-                    torch.sum(dS * S_i, -2, keepdim=True, out=dD[:, :, i])
+                    _into(dD[:, :, i], torch.sum, dS * S_i, -2, True)
             if S_i is None:
                 dEW[:, :, i] = 0
                 dS = None
                 continue
-            torch.matmul(dyh[:, :, i], S_i, out=dEW[:, :, i])
+            dEW[:, :, i] = dyh[:, :, i] @ S_i
             dS_prev = dyh[:, :, i].transpose(-1, -2) @ EW[:, :, i]
             dS = dS_prev if dS is None else dS * t["decay_end"][:, :, i] + dS_prev
         dE, dU = dEW[..., :L, :], dyh[..., L:, :]
@@ -202,8 +211,8 @@ class _WKV7Chunked(torch.autograd.Function):
         # Fy = Qb U + Qk V;  E = r_dec + Qb W
         dQb = dy @ U.transpose(-1, -2) + dE @ W.transpose(-1, -2)
         dWU = dy.new_empty(B, H, n, L, 2 * N)
-        torch.add(dEW[..., L:, :], Qb.transpose(-1, -2) @ dE, out=dWU[..., :N])
-        torch.add(dU, Qb.transpose(-1, -2) @ dy, out=dWU[..., N:])
+        _into(dWU[..., :N], torch.add, dEW[..., L:, :], Qb.transpose(-1, -2) @ dE)
+        _into(dWU[..., N:], torch.add, dU, Qb.transpose(-1, -2) @ dy)
         dQk = dy @ v.transpose(-1, -2)
         dv = dv + Qk.transpose(-1, -2) @ dy
         # [W, U] = (I - M)^-1 [a_dec, Mk V]
@@ -211,10 +220,10 @@ class _WKV7Chunked(torch.autograd.Function):
         da_dec, dMkV = G[..., :N], G[..., N:]
         zero = v.new_zeros(())
         dP = torch.empty_like(t["P"])  # [dM, dMk; dQb, dQk], the blocks written in place
-        torch.where(t["strict"], G @ t["WU"].transpose(-1, -2), zero, out=dP[..., :L, :L])
-        torch.where(t["strict"], dMkV @ v.transpose(-1, -2), zero, out=dP[..., :L, L:])
-        torch.where(t["incl"], dQb, zero, out=dP[..., L:, :L])
-        torch.where(t["incl"], dQk, zero, out=dP[..., L:, L:])
+        _into(dP[..., :L, :L], torch.where, t["strict"], G @ t["WU"].transpose(-1, -2), zero)
+        _into(dP[..., :L, L:], torch.where, t["strict"], dMkV @ v.transpose(-1, -2), zero)
+        _into(dP[..., L:, :L], torch.where, t["incl"], dQb, zero)
+        _into(dP[..., L:, L:], torch.where, t["incl"], dQk, zero)
         dv = dv + Mk.transpose(-1, -2) @ dMkV
         # [M, Mk; Qb, Qk] = [a_rel; r_rel] [b_inv; k_inv]^T
         d_ar = dP @ t["bk"]
