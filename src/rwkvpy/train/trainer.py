@@ -307,6 +307,9 @@ class Trainer:
         tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.ctx_len
         bar = tqdm(total=cfg.max_iters, initial=self.step, disable=not progress or self.rank != 0,
                    desc=f"train {cfg.arch}", dynamic_ncols=True)
+        if cfg.compile and progress and self.rank == 0 and self.step < cfg.max_iters:
+            bar.write("compiling the model (--compile): the first step takes a minute or two on a small CPU",
+                      file=sys.stderr)
         result = {}
         window_loss, window_t, window_steps = 0.0, time.perf_counter(), 0
         while self.step < cfg.max_iters:
