@@ -87,13 +87,15 @@ def _chunks(x: Tensor, L: int, pad: int) -> Tensor:
 def _chunk_terms(r: Tensor, log_w: Tensor, k: Tensor, v: Tensor, alpha: Tensor, beta: Tensor, L: int):
     """Everything about the chunks that does not depend on the state carried in, all chunks at
     once (inputs (B, H, n, L, N)). ``rel`` factors are relative to the chunk's middle m (the
-    products they enter cancel m exactly), the others are true scale and <= 1."""
+    products they enter cancel m exactly). The true-scale factors (<= 1) are those times one
+    factor per chunk and channel: Gamma_{t-1} = rel_prev e^m, Gamma_t = rel e^m and
+    Gamma_L / Gamma_s = inv e^(c_L - m), so three exponentials over the chunks, not six."""
     c = torch.cumsum(log_w, dim=-2)  # log Gamma_t, inclusive
     c_prev = c - log_w  # log Gamma_{t-1}
     m = c[..., (L - 1) // 2: (L - 1) // 2 + 1, :]  # reference point inside the chunk
     c_end = c[..., -1:, :]
     e = dict(rel_prev=torch.exp(c_prev - m), rel=torch.exp(c - m), inv=torch.exp(m - c),  # relative to m
-             prev=torch.exp(c_prev), cur=torch.exp(c), to_end=torch.exp(c_end - c))  # true scale, <= 1
+             m=torch.exp(m), end=torch.exp(c_end - m))  # (.., 1, N): back to true scale
     B, H, n, _, N = r.shape
     # [a_rel; r_rel] and [b_inv; k_inv], written in place: one product of the two gives the four
     # L x L interactions (Gamma_{t-1} alpha_t or Gamma_t r_t) . (beta_s or k_s) / Gamma_s.
@@ -108,12 +110,12 @@ def _chunk_terms(r: Tensor, log_w: Tensor, k: Tensor, v: Tensor, alpha: Tensor, 
     P.masked_fill_(~torch.cat([strict.repeat(1, 2), incl.repeat(1, 2)]), 0)
     t = dict(e=e, inputs=(r, alpha, beta, k), v=v, ar=ar, bk=bk, P=P, M=P[..., :L, :L], Mk=P[..., :L, L:], Qb=P[..., L:, :L], Qk=P[..., L:, L:],
              strict=strict, incl=incl,
-             b_end=beta * e["to_end"], k_end=k * e["to_end"],  # Gamma_L / Gamma_s, true scale
-             decay_end=torch.exp(c_end))  # (.., 1, N_k): scales the state's key columns
+             b_end=bk[..., :L, :] * e["end"], k_end=bk[..., L:, :] * e["end"],  # Gamma_L / Gamma_s, true scale
+             decay_end=e["m"] * e["end"])  # Gamma_L (.., 1, N_k): scales the state's key columns
     # h_t = S_{t-1} alpha_t for every t: H = (I - M)^-1 (a_dec S0^T + Mk V) = W S0^T + U,
     # a_dec = Gamma_{t-1} alpha_t (true scale)
     rhs = r.new_empty(B, H, n, L, 2 * N)
-    _into(rhs[..., :N], torch.mul, alpha, e["prev"])
+    _into(rhs[..., :N], torch.mul, ar[..., :L, :], e["m"])
     rhs[..., N:] = t["Mk"] @ v  # (a product's out= into these strided columns ran 3x slower)
     # (I - M)^-1 from a solve against I, then one product: a solve against [a_dec, Mk V] (L x 2N)
     # took twice as long (LAPACK's right-hand sides go column-major: two strided copies), and
@@ -124,7 +126,7 @@ def _chunk_terms(r: Tensor, log_w: Tensor, k: Tensor, v: Tensor, alpha: Tensor, 
     t["W"], t["U"] = WU[..., :N], WU[..., N:]
     # y = E S0^T + Fy, E = Gamma_t r_t + Qb W;  S_end = S0 diag(Gamma_L) + H^T b_end + V^T k_end
     t["EW"] = EW = r.new_empty(B, H, n, 2 * L, N)  # one product with S per chunk gives y and H
-    t["E"] = _into(EW[..., :L, :], torch.add, r * e["cur"], t["Qb"] @ t["W"])
+    t["E"] = _into(EW[..., :L, :], torch.addcmul, t["Qb"] @ t["W"], ar[..., L:, :], e["m"])
     EW[..., L:, :] = t["W"]
     t["Fy"] = t["Qb"] @ t["U"] + t["Qk"] @ v
     t["J"] = v.transpose(-1, -2) @ t["k_end"]  # (B, H, n, N_v, N_k)
@@ -233,10 +235,10 @@ class _WKV7Chunked(torch.autograd.Function):
         # back to the inputs through the decay factors. Each input x enters as x e^(+-c...), so
         # the log-decays' gradient is x dx summed with signs (m cancels: no gradient).
         e, (r, alpha, beta, k) = t["e"], t["inputs"]
-        dalpha = da_rel * e["rel_prev"] + da_dec * e["prev"]
-        dr = dr_rel * e["rel"] + dE * e["cur"]
-        dbeta = db_inv * e["inv"] + db_end * e["to_end"]
-        dk = dk_inv * e["inv"] + dk_end * e["to_end"]
+        dalpha = torch.addcmul(da_rel, da_dec, e["m"]).mul_(e["rel_prev"])
+        dr = torch.addcmul(dr_rel, dE, e["m"]).mul_(e["rel"])
+        dbeta = torch.addcmul(db_inv, db_end, e["end"]).mul_(e["inv"])
+        dk = torch.addcmul(dk_inv, dk_end, e["end"]).mul_(e["inv"])
         dc_prev = alpha * dalpha  # through c_prev = c - log_w
         dc = r * dr - beta * dbeta - k * dk + dc_prev
         dc[..., -1:, :] += (db_end * t["b_end"] + dk_end * t["k_end"]).sum(-2, keepdim=True) + dD * t["decay_end"]
