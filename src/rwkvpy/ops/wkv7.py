@@ -240,7 +240,7 @@ class _WKV7Chunked(torch.autograd.Function):
         dbeta = torch.addcmul(db_inv, db_end, e["end"]).mul_(e["inv"])
         dk = torch.addcmul(dk_inv, dk_end, e["end"]).mul_(e["inv"])
         dc_prev = alpha * dalpha  # through c_prev = c - log_w
-        dc = r * dr - beta * dbeta - k * dk + dc_prev
+        dc = torch.addcmul(dc_prev, r, dr).addcmul_(beta, dbeta, value=-1).addcmul_(k, dk, value=-1)
         dc[..., -1:, :] += (db_end * t["b_end"] + dk_end * t["k_end"]).sum(-2, keepdim=True) + dD * t["decay_end"]
         dlog_w = torch.flip(torch.cumsum(torch.flip(dc, [-2]), -2), [-2]) - dc_prev  # c = cumsum(log_w)
         grads = (_unchunk(x, T) for x in (dr, dlog_w, dk, dv, dalpha, dbeta))
