@@ -328,8 +328,9 @@ class LanguageModel(ModelBase):
     _step_layer: Callable | None = None
 
     def _state_dtype(self) -> torch.dtype:
-        """The dtype of the layer tensors of this family's states."""
-        return torch.float32
+        """The dtype of the layer tensors of this family's states: fp32, or fp64 in an fp64 model
+        (half-precision models keep fp32 states)."""
+        return torch.float64 if self.activation_dtype == torch.float64 else torch.float32
 
     def step(self, tokens: Tensor, state=None):
         """One token per stream: tokens (B,) -> logits (B, V), new state (``state`` is not

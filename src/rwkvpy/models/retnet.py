@@ -172,7 +172,7 @@ class RetNet(LanguageModel):
 
     def zero_state(self, batch_size: int = 1) -> RetNetState:
         c = self.config
-        dtype = torch.float64 if self.activation_dtype == torch.float64 else torch.float32
+        dtype = self._state_dtype()
         att = torch.zeros(c.n_layer, batch_size, c.n_head, c.d_k, c.d_v, dtype=dtype, device=self.device)
         return RetNetState(att, torch.zeros(batch_size, dtype=torch.long, device=self.device), self.state_id())
 

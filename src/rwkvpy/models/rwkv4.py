@@ -225,6 +225,9 @@ class RWKV4(LanguageModel):
         super().__init__(cfg, [Block(cfg, i) for i in range(cfg.n_layer)])
         self.chunk_len: int | None = None  # None: the measured default for the form
 
+    def _state_dtype(self) -> torch.dtype:
+        return torch.float32  # RWKV4State is fp32 in every model
+
     def zero_state(self, batch_size: int = 1) -> RWKV4State:
         c = self.config
         return RWKV4State.zeros(c.n_layer, batch_size, c.n_embd, c.dim_att, device=self.device,

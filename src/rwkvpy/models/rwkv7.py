@@ -285,9 +285,6 @@ class RWKV7(LanguageModel):
     def zero_state(self, batch_size: int = 1) -> RWKV7State:
         return RWKV7State.zeros(self.config, batch_size, self.device, self._state_dtype(), self.state_id())
 
-    def _state_dtype(self) -> torch.dtype:
-        return torch.float64 if self.activation_dtype == torch.float64 else torch.float32
-
     def _step_layer(self, i: int, block: Block, x: Tensor, state: RWKV7State, new: RWKV7State, v_first):
         """Layer i of ``step`` (see :meth:`LanguageModel.step`); the layers carry v_first."""
         def wkv(r, log_w, k, v, alpha, beta, S):
