@@ -317,3 +317,21 @@ def test_precision_auto_is_decided_once_by_a_probe_and_recorded(tmp_path, corpus
     assert choose_precision(trainer.precision_probe["fp32_s"], trainer.precision_probe["bf16_s"]) == chosen
     trainer.fit(progress=False)
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["config"]["precision"] == chosen
+
+
+def test_resume_refuses_settings_that_differ_from_the_checkpoint(tmp_path, corpus):
+    """A setting given again on resume that differs from the saved run's is an error naming the
+    flag (it used to be dropped silently: --max-iters 20 on a run saved at 10 trained nothing);
+    how the run executes (device, compile, the folder) comes from the command line."""
+    cfg = TrainConfig(data=str(corpus), out_dir=str(tmp_path / "run"), **{**TINY, "max_iters": 4, "ckpt_interval": 4})
+    Trainer(cfg).fit(progress=False)
+    for change, flag in (({"max_iters": 8}, "--max-iters 8"), ({"lr": 1e-2}, "--lr 0.01"),
+                         ({"data": str(tmp_path / "other.txt")}, "--data")):
+        with pytest.raises(RwkvpyError, match=flag.replace(".", r"\.")):
+            Trainer(replace(cfg, **change), resume=True)
+    same_file = os.path.relpath(corpus)  # the same data by another path
+    resumed = Trainer(replace(cfg, data=same_file, compile=True), resume=True)
+    assert resumed.step == 4 and resumed.cfg.compile and resumed.cfg.max_iters == 4
+    r = run(*train_cli(corpus, tmp_path / "run", "--resume", "--max-iters=9"), check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "--max-iters 9 differs" in r.stderr

@@ -17,7 +17,7 @@ import statistics
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -41,6 +41,9 @@ RWKV = ("rwkv4", "rwkv7")  # trained with the official L2Wrap
 PRECISIONS = ("auto", "fp32", "bf16")
 BF16_MIN_SPEEDUP = 1.15  # auto takes bf16 autocast only when the probe's step is this much faster
 LOG_FIELDS = ["step", "tokens", "lr", "train_loss", "val_loss", "val_bpb", "elapsed_s", "tokens_per_s"]
+# What a resumed run takes from its command line: how it runs, not what it computes. Every other
+# setting comes from the checkpoint, and one given otherwise is refused (it would be ignored).
+RESUME_FROM_COMMAND_LINE = ("out_dir", "device", "compile")
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,24 @@ def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, arch: str) -> to
     return _L2Wrap.apply(loss, logits) if arch in RWKV and torch.is_grad_enabled() else loss
 
 
+def _refuse_changed_settings(cfg: TrainConfig, saved: dict, ckpt: Path) -> None:
+    """A resumed run continues the saved one: a setting given on the command line (one that is
+    not its default) that differs from the checkpoint's is an error, not silently dropped."""
+    def same(name, a, b):
+        if name in ("data", "tokenizer") and a is not None and b is not None:
+            return Path(a).resolve() == Path(b).resolve()
+        return a == b
+
+    for f in fields(TrainConfig):
+        given = getattr(cfg, f.name)
+        if (f.name in RESUME_FROM_COMMAND_LINE or f.name not in saved or given == f.default
+                or same(f.name, given, saved[f.name])):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        raise RwkvpyError(f"{flag} {given} differs from the checkpoint's {saved[f.name]} ({ckpt}): a resumed run "
+                          f"keeps its settings; drop {flag}, or start a new run")
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False):
         keep_freed_memory()  # a training step's temporaries would each fault their pages in again
@@ -183,7 +204,8 @@ class Trainer:
             saved = dict(state["config"])
             if "bf16" in saved:  # checkpoints before --precision
                 saved["precision"] = "bf16" if saved.pop("bf16") else "fp32"
-            cfg = TrainConfig(**{**saved, "device": cfg.device})
+            _refuse_changed_settings(cfg, saved, self.ckpt_path)
+            cfg = TrainConfig(**{**saved, **{k: getattr(cfg, k) for k in RESUME_FROM_COMMAND_LINE}})
         if cfg.batch_size % self.world:
             raise RwkvpyError(f"batch_size {cfg.batch_size} is not divisible by {self.world} processes")
         self.cfg = cfg
